@@ -1,0 +1,499 @@
+"""Benchmark: exp(tA)v and its gradient, krylovexp against its peers (issue 2, §9).
+
+Problem A: stiff 2-D heat equation (5-point Laplacian, Dirichlet, n×n interior, T = 0.01,
+Gaussian bump). Problem B: non-symmetric, strongly non-normal 2-D advection–diffusion
+(central differences) of the same size. Both operators are applied matrix-free (array
+slicing); see `benchmarks/_problems.py`.
+
+Loss: `L(θ, u0) = sum(u(T)²)` with `u(T) = exp(T A(θ)) u0`, θ = diffusion coefficient κ
+(A) or velocity c = (c_x, c_y) (B). "Gradient" = `jax.grad(L, argnums=(0, 1))`, i.e. with
+respect to θ and u0 together, for every differentiable method.
+
+Reference: SciPy `expm_multiply` on the sparse matrix of the same operator (its internal
+tolerance is 2^-53), computed as exp(0.7 TA) exp(0.3 TA) u0 so that the SciPy row (one call)
+is measured against an independent evaluation; cross-checked against Diffrax Dopri8 at
+rtol = atol = 1e-11. Reference gradients: `∇_u0 L = 2 exp(T Aᵀ) u(T)` and
+`∂L/∂θ_i = 2 u(T)ᵀ [exp of the block matrix [[TA, T E_i], [0, TA]]] [0; u0]` (Fréchet
+derivative; A is affine in θ with `E_i = ∂A/∂θ_i`). Errors are relative 2-norms.
+
+For each requested rtol, the peers are tuned to reach *equal or better* error than the one
+krylovexp achieved at that rtol (if krylovexp is unavailable: the rtol itself):
+matfree `funm_arnoldi` at the smallest Krylov dimension k doing so (searched using the
+prefix property of one Arnoldi run, then confirmed), Diffrax Tsit5/Dopri5 at the loosest
+PID tolerance on a half-decade grid doing so (atol = rtol · max|u0|).
+
+Run (from the repository root):
+
+    python benchmarks/bench_expm.py --n 128 --problems A,B --rtols 1e-4,1e-8 --repeats 5
+"""
+
+import argparse
+import math
+import platform
+import statistics
+import time
+
+import jax
+
+
+jax.config.update("jax_enable_x64", True)
+
+import diffrax as dfx  # noqa: E402
+import equinox as eqx  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+import scipy.sparse.linalg as spla  # noqa: E402
+from _problems import PROBLEMS, Problem  # noqa: E402
+from matfree import decomp, funm  # noqa: E402
+from numpy.polynomial import chebyshev as cheb  # noqa: E402
+from scipy.linalg import expm as dense_expm  # noqa: E402
+
+
+try:
+    import krylovexp as kx
+except Exception as e:  # noqa: BLE001 - report any import failure, keep the peers
+    kx = None
+    KX_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+else:
+    KX_IMPORT_ERROR = None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def rel_err(x, ref):
+    x = np.asarray(x)
+    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+def grad_err(grad, ref):
+    """Max of the relative errors of the θ- and u0-components."""
+    return max(rel_err(g, r) for g, r in zip(grad, ref, strict=True))
+
+
+def bench(fn, *args, repeats):
+    """Compile + warm up, then the median wall time (ms) of `repeats` calls."""
+    out = jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return out, 1e3 * statistics.median(times)
+
+
+def memory_mb(jitted, *args):
+    """XLA's buffer assignment for the compiled function: temp + argument + output."""
+    stats = jitted.lower(*args).compile().memory_analysis()
+    if stats is None:
+        return float("nan")
+    total = (
+        stats.temp_size_in_bytes
+        + stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+    )
+    return total / 2**20
+
+
+def chebyshev_degree(rho, tol):
+    """Smallest degree of the Chebyshev interpolant of exp on [-rho, 0] with max error
+    <= tol (the lower bound on matvecs of NOTES.md §1)."""
+
+    def f(x):
+        return np.exp(rho * (x - 1) / 2)
+
+    xs = np.cos(np.linspace(0, np.pi, 20001))
+    for m in range(1, 5000):
+        c = cheb.chebinterpolate(f, m)
+        if np.abs(cheb.chebval(xs, c) - f(xs)).max() <= tol:
+            return m
+    return float("nan")
+
+
+class _CountingCSR(sp.csr_matrix):
+    """CSR matrix counting matrix-vector products (a block of b columns counts b)."""
+
+    count = 0
+
+    def dot(self, other):
+        _CountingCSR.count += 1 if np.ndim(other) == 1 else np.shape(other)[1]
+        return super().dot(other)
+
+
+# ------------------------------------------------------------------------ references
+
+
+def reference(p: Problem):
+    """Value and gradient references with SciPy (sparse), see module docstring."""
+    A = p.sparse(p.theta)
+    TA = (p.T * A).tocsr()
+    u0 = p.u0
+    uT = spla.expm_multiply(0.7 * TA, spla.expm_multiply(0.3 * TA, u0))
+    g_u0 = 2 * spla.expm_multiply(TA.T.tocsr(), uT)
+    theta = np.atleast_1d(p.theta)
+    g_theta = []
+    n = u0.size
+    for i in range(theta.size):
+        e = np.zeros_like(theta)
+        e[i] = 1.0
+        th_i = (theta + e).reshape(np.shape(p.theta))
+        E = p.sparse(th_i) - A
+        block = sp.bmat([[TA, p.T * E], [None, TA]]).tocsr()
+        du = spla.expm_multiply(block, np.concatenate([np.zeros(n), u0]))[:n]
+        g_theta.append(2 * uT @ du)
+    g_theta = np.asarray(g_theta).reshape(np.shape(p.theta))
+    return uT, (g_theta, g_u0)
+
+
+def norms(p: Problem):
+    TA = (p.T * p.sparse(p.theta)).tocsr()
+    norm2 = float(spla.svds(TA, k=1, return_singular_vectors=False)[0])
+    radius = float(
+        np.abs(spla.eigs(TA, k=1, which="LM", return_eigenvectors=False)[0])
+    )
+    return norm2, radius
+
+
+# ----------------------------------------------------------------------- the methods
+
+
+def diffrax_solve(p: Problem, solver, theta, u0, rtol, atol):
+    term = dfx.ODETerm(lambda t, y, th: p.matvec(y, th))
+    sol = dfx.diffeqsolve(
+        term,
+        solver,
+        0.0,
+        p.T,
+        None,
+        u0,
+        args=theta,
+        stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol),
+        adjoint=dfx.RecursiveCheckpointAdjoint(),
+        max_steps=4096,
+    )
+    return sol.ys[-1], sol.stats["num_steps"]
+
+
+def sq_loss(value):
+    return jnp.sum(value**2)
+
+
+def run_diffrax(p, name, solver, target, ref, gref, theta, u0, repeats):
+    """Loosest half-decade PID tolerance reaching error <= target, then time it."""
+
+    def fwd(th, v, rtol, atol):
+        return diffrax_solve(p, solver, th, v, rtol, atol)
+
+    def loss(th, v, rtol, atol):
+        return sq_loss(diffrax_solve(p, solver, th, v, rtol, atol)[0])
+
+    fwd_j = jax.jit(fwd)
+    grad_j = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    scale = float(np.max(np.abs(p.u0)))
+    chosen = None
+    tightest = None
+    for j in range(4, 27):  # 1e-2 ... 1e-13
+        rtol = 10.0 ** (-j / 2)
+        y, steps = fwd_j(theta, u0, rtol, rtol * scale)
+        err = rel_err(y, ref)
+        tightest = (rtol, err)
+        if err <= target:
+            chosen = rtol
+            break
+    reached = chosen is not None
+    rtol = chosen if reached else tightest[0]
+    args = (theta, u0, rtol, rtol * scale)
+    (y, steps), t_fwd = bench(fwd_j, *args, repeats=repeats)
+    g, t_grad = bench(grad_j, *args, repeats=repeats)
+    return dict(
+        method=f"Diffrax {name}",
+        setting=f"PID rtol {rtol:.0e}, {int(steps)} steps"
+        + ("" if reached else " (target not reached)"),
+        err=rel_err(y, ref),
+        gerr=grad_err(g, gref),
+        fwd=t_fwd,
+        grad=t_grad,
+        matvecs=6 * int(steps),
+        mem=memory_mb(grad_j, *args),
+        differentiable=True,
+    )
+
+
+def matfree_fn(p: Problem, k: int):
+    expm_arnoldi = funm.funm_arnoldi(
+        funm.dense_funm_pade_exp(), decomp.hessenberg(k, reortho="full")
+    )
+
+    def matvec(v, th):
+        return p.T * p.matvec(v, th)
+
+    def fwd(th, v):
+        return expm_arnoldi(matvec, v, th)
+
+    return fwd
+
+
+def matfree_error_curve(p: Problem, kmax, theta, u0, ref):
+    """Errors of the k-step Arnoldi approximation for all k <= kmax, from one run.
+
+    Arnoldi is prefix-consistent: the first k columns of Q and the leading k×k block of
+    H of a kmax-step run are those of a k-step run."""
+
+    def matvec(v, th):
+        return p.T * p.matvec(v, th)
+
+    res = jax.jit(lambda th, v: decomp.hessenberg(kmax, reortho="full")(matvec, v, th))(
+        theta, u0
+    )
+    Q = np.asarray(res.Q_tall)  # (kmax, n)
+    H = np.asarray(res.J_small)
+    beta = float(np.linalg.norm(p.u0))
+    errs = {}
+    for k in range(1, kmax + 1):
+        y = beta * (Q[:k].T @ dense_expm(H[:k, :k])[:, 0])
+        errs[k] = rel_err(y, ref)
+    return errs
+
+
+def run_matfree(p, target, ref, gref, theta, u0, repeats):
+    n = p.u0.size
+    kmax = min(160, n)
+    while True:
+        errs = matfree_error_curve(p, kmax, theta, u0, ref)
+        ok = [k for k, e in errs.items() if e <= target]
+        if ok or kmax >= min(640, n):
+            break
+        kmax = min(2 * kmax, n)
+    if ok:
+        k = ok[0]
+    else:
+        k = min(errs, key=errs.get)
+    # confirm with the real funm_arnoldi (Padé exp of H instead of SciPy's expm)
+    for _ in range(20):
+        fwd_j = jax.jit(matfree_fn(p, k))
+        err = rel_err(fwd_j(theta, u0), ref)
+        if err <= target or not ok or k >= kmax:
+            break
+        k += 1
+    reached = err <= target
+    fwd = matfree_fn(p, k)
+    fwd_j = jax.jit(fwd)
+    grad_j = jax.jit(jax.grad(lambda th, v: sq_loss(fwd(th, v)), argnums=(0, 1)))
+    y, t_fwd = bench(fwd_j, theta, u0, repeats=repeats)
+    g, t_grad = bench(grad_j, theta, u0, repeats=repeats)
+    return dict(
+        method="matfree funm_arnoldi",
+        setting=f"k = {k}" + ("" if reached else " (target not reached)"),
+        err=rel_err(y, ref),
+        gerr=grad_err(g, gref),
+        fwd=t_fwd,
+        grad=t_grad,
+        matvecs=k,
+        mem=memory_mb(grad_j, theta, u0),
+        differentiable=True,
+    )
+
+
+def run_krylovexp(p, rtol, atol, ref, gref, theta, u0, repeats):
+    kwargs = dict(rtol=rtol)
+    if atol is not None:
+        kwargs["atol"] = atol
+    solver = kx.KrylovExpm(**kwargs)
+
+    def fwd(th, v):
+        return solver(p.operator(th), v, p.T)
+
+    def solution(th, v):
+        return solver.expmv(p.operator(th), v, p.T)
+
+    fwd_j = jax.jit(fwd)
+    grad_j = jax.jit(jax.grad(lambda th, v: sq_loss(fwd(th, v)), argnums=(0, 1)))
+    y, t_fwd = bench(fwd_j, theta, u0, repeats=repeats)
+    g, t_grad = bench(grad_j, theta, u0, repeats=repeats)
+    sol = eqx.filter_jit(solution)(theta, u0)
+    stats = sol.stats
+    matvecs = int(np.asarray(stats["num_matvecs"]))
+    substeps = int(np.asarray(stats["num_substeps"]))
+    rejected = int(np.asarray(stats["num_rejected"]))
+    dims = np.asarray(stats["krylov_dims"]).ravel()
+    dims = dims[dims > 0] if dims.size > 1 else dims
+    dims_s = f"k {dims.min()}-{dims.max()}" if dims.size else "k ?"
+    return dict(
+        method=f"krylovexp ({'Lanczos' if p.symmetric else 'Arnoldi'})",
+        setting=f"rtol {rtol:.0e}; {substeps} substeps ({rejected} rej), {dims_s}",
+        err=rel_err(y, ref),
+        gerr=grad_err(g, gref),
+        fwd=t_fwd,
+        grad=t_grad,
+        matvecs=matvecs,
+        mem=memory_mb(grad_j, theta, u0),
+        differentiable=True,
+        est=float(np.asarray(stats["error_estimate"])),
+    )
+
+
+def run_scipy(p, ref, repeats):
+    TA = (p.T * p.sparse(p.theta)).tocsr()
+    times = []
+    y = spla.expm_multiply(TA, p.u0)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        y = spla.expm_multiply(TA, p.u0)
+        times.append(time.perf_counter() - t0)
+    counting = _CountingCSR(TA)
+    _CountingCSR.count = 0
+    spla.expm_multiply(counting, p.u0)
+    return dict(
+        method="SciPy expm_multiply",
+        setting="sparse CSR, tol 2^-53",
+        err=rel_err(y, ref),
+        gerr=float("nan"),
+        fwd=1e3 * statistics.median(times),
+        grad=float("nan"),
+        matvecs=_CountingCSR.count,
+        mem=float("nan"),
+        differentiable=False,
+    )
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def fmt(x, spec):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return format(x, spec)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=128)
+    parser.add_argument("--problems", default="A,B")
+    parser.add_argument("--rtols", default="1e-4,1e-8")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--atol",
+        type=float,
+        default=None,
+        help="atol passed to krylovexp (default: the library's default)",
+    )
+    args = parser.parse_args()
+    rtols = [float(r) for r in args.rtols.split(",")]
+    t_start = time.perf_counter()
+
+    print(
+        f"jax {jax.__version__} ({jax.default_backend()}, float64), "
+        f"{platform.processor() or platform.machine()}, repeats={args.repeats} (median)"
+    )
+    if kx is None:
+        print(f"\n**krylovexp not importable** ({KX_IMPORT_ERROR}): peers only.")
+
+    rows = []
+    summary = []
+    for name in args.problems.split(","):
+        p = PROBLEMS[name](n=args.n)
+        theta, u0 = jnp.asarray(p.theta), jnp.asarray(p.u0)
+        norm2, radius = norms(p)
+        ref, gref = reference(p)
+        dop8 = jax.jit(
+            lambda th, v, p=p: diffrax_solve(p, dfx.Dopri8(), th, v, 1e-11, 1e-11)
+        )
+        y8, steps8 = dop8(theta, u0)
+        print(
+            f"\nProblem {name}: {p.description}; n = {p.u0.size}, ‖TA‖₂ = {norm2:.4g}, "
+            f"spectral radius of TA = {radius:.4g}. Reference vs Dopri8 "
+            f"(rtol=atol=1e-11, {int(steps8)} steps): {rel_err(y8, ref):.1e}."
+        )
+        rows.append((name, None, run_scipy(p, ref, args.repeats)))
+        for rtol in rtols:
+            cheb_bound = chebyshev_degree(norm2, rtol)
+            block = []
+            if kx is not None:
+                try:
+                    r = run_krylovexp(p, rtol, args.atol, ref, gref, theta, u0, args.repeats)
+                except Exception as e:  # noqa: BLE001 - report, keep benchmarking peers
+                    print(f"krylovexp failed at rtol {rtol:g}: {type(e).__name__}: {e}")
+                    r = None
+                if r is not None:
+                    block.append(r)
+            kx_row = block[0] if block else None
+            target = kx_row["err"] if kx_row is not None else rtol
+            block.append(run_matfree(p, target, ref, gref, theta, u0, args.repeats))
+            for sname, solver in (("Tsit5", dfx.Tsit5()), ("Dopri5", dfx.Dopri5())):
+                block.append(
+                    run_diffrax(
+                        p, sname, solver, target, ref, gref, theta, u0, args.repeats
+                    )
+                )
+            for r in block:
+                r["cheb"] = r["matvecs"] / cheb_bound
+            peers = [
+                r for r in block[1 if kx_row else 0 :] if r["err"] <= target
+            ]
+            if kx_row is not None and peers:
+                best_fwd = min(r["fwd"] for r in peers)
+                best_grad = min(r["grad"] for r in peers)
+                kx_row["vs_fwd"] = kx_row["fwd"] / best_fwd
+                kx_row["vs_grad"] = kx_row["grad"] / best_grad
+            if kx_row is not None:
+                summary.append(
+                    (name, rtol, kx_row, cheb_bound, bool(peers))
+                )
+            rows.extend((name, (rtol, target, cheb_bound), r) for r in block)
+            print(f"  done problem {name}, rtol {rtol:g} ({time.perf_counter() - t_start:.0f} s)")
+
+    print(
+        "\n| problem | rtol (target err) | method | setting | error | grad error "
+        "| forward ms | gradient ms | grad/fwd | matvecs | matvecs/Cheb | grad mem MB "
+        "| fwd ratio | grad ratio |"
+    )
+    print("|" + "---|" * 14)
+    for name, info, r in rows:
+        if info is None:
+            rt = "–"
+        else:
+            rtol, target, cb = info
+            rt = f"{rtol:.0e} ({target:.1e}), Cheb {cb}"
+        print(
+            f"| {name} | {rt} | {r['method']} | {r['setting']} | {r['err']:.1e} "
+            f"| {fmt(r['gerr'], '.1e')} | {fmt(r['fwd'], '.1f')} | {fmt(r['grad'], '.1f')} "
+            f"| {fmt(r['grad'] / r['fwd'], '.2f')} | {r['matvecs']} "
+            f"| {fmt(r.get('cheb'), '.2f')} | {fmt(r['mem'], '.1f')} "
+            f"| {fmt(r.get('vs_fwd'), '.3f')} | {fmt(r.get('vs_grad'), '.3f')} |"
+        )
+    print(
+        "\nerror: relative 2-norm against the SciPy reference; grad error: max over θ "
+        "and u0 of the relative error of ∇L against the Fréchet-derivative reference. "
+        "matvecs: krylovexp stats['num_matvecs'] (forward); matfree: k; Diffrax: "
+        "num_steps (incl. rejected) × 6 (7 stages, FSAL); SciPy: counted products "
+        "(incl. norm estimation). matvecs/Cheb: against the degree of the Chebyshev "
+        "interpolant of exp on [-‖TA‖₂, 0] at uniform error rtol (for B a heuristic: "
+        "the operator is non-normal). grad mem: XLA buffer assignment of the compiled "
+        "gradient (temp + arguments + outputs), a static estimate of the peak, not RSS. "
+        "fwd/grad ratio: krylovexp time / fastest differentiable peer with error <= "
+        "krylovexp's (target <= 0.1)."
+    )
+    if summary:
+        print("\nTargets (issue 2 §9):")
+        for name, rtol, r, cb, has_peer in summary:
+            checks = [
+                f"error {r['err']:.1e} {'<=' if r['err'] <= rtol else '>'} rtol",
+                f"grad/fwd {r['grad'] / r['fwd']:.2f} "
+                f"({'met' if r['grad'] <= 3 * r['fwd'] else 'NOT met'}, <= 3)",
+                f"matvecs/Cheb {r['cheb']:.2f} "
+                f"({'met' if r['cheb'] <= 2.5 else 'NOT met'}, <= 2.5)",
+            ]
+            if has_peer:
+                for key, label in (("vs_fwd", "forward"), ("vs_grad", "gradient")):
+                    speed = 1 / r[key]
+                    checks.append(
+                        f"{label} {speed:.1f}x faster than best peer "
+                        f"({'met' if speed >= 10 else 'NOT met'}, >= 10x)"
+                    )
+            print(f"- {name}, rtol {rtol:.0e}: " + "; ".join(checks))
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

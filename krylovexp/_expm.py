@@ -1,0 +1,639 @@
+"""Adaptive Krylov evaluation of `exp(tA) v` and of phi-function combinations, with
+the substepping loop and its custom adjoint."""
+
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import equinox as eqx
+import equinox.internal as eqxi
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import lineax as lx
+import numpy as np
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, ArrayLike, PyTree, Real
+
+from . import _arnoldi as arnoldi
+from ._operator import (
+    FlatSystem,
+    as_operator,
+    check_vector,
+    flatten,
+    lanczos_applicable,
+    operator_dtype,
+    operator_size,
+)
+from ._projected import approximation, exp_coefficients
+from ._solution import RESULTS, Solution
+
+
+_DEFAULT_MAX_DIM = {"arnoldi": 64, "lanczos": 100}
+_MAX_REJECTIONS = 40
+
+
+class AbstractKrylovAdjoint(eqx.Module):
+    """How reverse-mode (and forward-mode) derivatives are computed."""
+
+
+class KrylovAdjoint(AbstractKrylovAdjoint):
+    """The adjoint of the Arnoldi/Lanczos iteration (Krämer, Moreno-Muñoz, Roy &
+    Hauberg, "Gradients of functions of large matrices", NeurIPS 2024), extended to
+    substeps.
+
+    Only the substep boundaries are stored; each substep's Krylov basis is rebuilt on
+    the backward pass and swept in reverse, one VJP of the matvec per Krylov step.
+    Peak memory is O(n (max_krylov_dim + substeps)); the gradient is that of the
+    computed approximation. The step sizes chosen by the controller are constants.
+    Reverse mode only: for `jax.jvp`/`jax.jacfwd` use [`krylovexp.DirectAdjoint`][].
+    """
+
+
+class DirectAdjoint(AbstractKrylovAdjoint):
+    """Differentiate through the Krylov loops with JAX's own autodiff (bounded while
+    loops). Supports forward mode (`jax.jvp`, `jax.jacfwd`) as well as reverse mode,
+    at the price of memory that grows with the number of Krylov steps and substeps.
+    """
+
+
+Method = Literal["auto", "arnoldi", "lanczos"]
+
+
+class _Config(NamedTuple):
+    max_dim: int
+    min_dim: int
+    max_substeps: int
+    rtol: float
+    atol: float
+    orth: arnoldi.Orthogonalisation
+    direct: bool
+
+
+class KrylovExpm(eqx.Module):
+    """Adaptive Krylov evaluation of `exp(tA) v` and `sum_j t^j phi_j(tA) b_j`.
+
+    The interval `[0, t]` is split into substeps; on each one a Krylov space of the
+    operator is grown until the a-posteriori error estimate (Saad 1992) meets the
+    tolerance per unit time, or, once `max_krylov_dim` is reached, the substep is
+    shortened with the same basis (no new matvecs) until it does (Sidje 1998; Niesen &
+    Wright 2012; Gaudreault, Rainwater & Tokman 2018).
+
+    **Arguments:**
+
+    - `method`: `"auto"` (Lanczos for operators Lineax knows to be symmetric/Hermitian,
+        Arnoldi otherwise), `"arnoldi"` (full orthogonalisation) or `"lanczos"`
+        (three-term recurrence; for phi-functions, incomplete orthogonalisation of the
+        augmented operator).
+    - `rtol`, `atol`: the error target `atol + rtol * |v|` in the 2-norm over the whole
+        interval. Default `rtol` 1e-8 in double and 1e-5 in single precision, `atol` 0.
+    - `max_krylov_dim`: largest Krylov dimension per substep (default 64 for Arnoldi,
+        100 for Lanczos, never more than the operator size).
+    - `min_krylov_dim`: smallest dimension at which the error estimate is trusted.
+    - `max_substeps`: substep budget (also sizes the buffer of substep boundaries kept
+        for the backward pass).
+    - `adjoint`: [`krylovexp.KrylovAdjoint`][] (default) or
+        [`krylovexp.DirectAdjoint`][].
+    - `throw`: raise a runtime error on failure (else only report `Solution.result`).
+
+    Calling the module, `KrylovExpm(...)(operator, vector, t)`, returns `exp(tA) v`;
+    [`krylovexp.KrylovExpm.expmv`][] and [`krylovexp.KrylovExpm.phimv`][] return a
+    [`krylovexp.Solution`][] with statistics.
+    """
+
+    method: Method = eqx.field(default="auto", static=True)
+    rtol: float | None = eqx.field(default=None, static=True)
+    atol: float | None = eqx.field(default=None, static=True)
+    max_krylov_dim: int | None = eqx.field(default=None, static=True)
+    min_krylov_dim: int = eqx.field(default=1, static=True)
+    max_substeps: int = eqx.field(default=256, static=True)
+    adjoint: AbstractKrylovAdjoint = KrylovAdjoint()
+    throw: bool = eqx.field(default=True, static=True)
+
+    _methods: ClassVar[tuple[str, ...]] = ("auto", "arnoldi", "lanczos")
+
+    def __check_init__(self):
+        if self.method not in self._methods:
+            raise ValueError(
+                f"`method` must be one of {self._methods}, got {self.method!r}."
+            )
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if value is not None and not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value}.")
+        if self.rtol == 0 and self.atol == 0:
+            raise ValueError("`rtol` and `atol` cannot both be zero.")
+        if self.max_krylov_dim is not None and self.max_krylov_dim < 1:
+            raise ValueError(
+                f"`max_krylov_dim` must be at least 1, got {self.max_krylov_dim}."
+            )
+        if self.min_krylov_dim < 1:
+            raise ValueError(
+                f"`min_krylov_dim` must be at least 1, got {self.min_krylov_dim}."
+            )
+        if self.max_substeps < 1:
+            raise ValueError(f"`max_substeps` must be at least 1, got {self.max_substeps}.")
+        if not isinstance(self.adjoint, AbstractKrylovAdjoint):
+            raise ValueError(
+                "`adjoint` must be krylovexp.KrylovAdjoint() or krylovexp.DirectAdjoint()."
+            )
+
+    def __call__(
+        self,
+        operator: lx.AbstractLinearOperator | ArrayLike,
+        vector: PyTree[ArrayLike],
+        t: Real[ArrayLike, ""] | Real[ArrayLike, " times"] = 1.0,
+    ) -> PyTree[Array]:
+        """`exp(tA) v`; see [`krylovexp.KrylovExpm.expmv`][]."""
+        return self.expmv(operator, vector, t).value
+
+    def expmv(
+        self,
+        operator: lx.AbstractLinearOperator | ArrayLike,
+        vector: PyTree[ArrayLike],
+        t: Real[ArrayLike, ""] | Real[ArrayLike, " times"] = 1.0,
+    ) -> Solution:
+        """Evaluate `exp(tA) v`.
+
+        **Arguments:**
+
+        - `operator`: a square `lineax.AbstractLinearOperator`, or a square 2-D array.
+        - `vector`: a pytree matching the operator's input structure and dtype.
+        - `t`: a real scalar (positive, zero or negative), or a 1-D array of monotone
+            output times starting from 0, evaluated in one adaptive sweep.
+
+        **Returns:**
+
+        A [`krylovexp.Solution`][]; `value` has the structure of `vector`, with a
+        leading axis of length `len(t)` if `t` is 1-D.
+        """
+        op = as_operator(operator)
+        check_vector(op, vector, "vector")
+        flat_vector, unravel = ravel_pytree(vector)
+        params, system = flatten(op)
+        return self._run(params, system, op, flat_vector, unravel, t, augmented=0)
+
+    def phimv(
+        self,
+        operator: lx.AbstractLinearOperator | ArrayLike,
+        vectors: tuple[PyTree[ArrayLike], ...],
+        t: Real[ArrayLike, ""] | Real[ArrayLike, " times"] = 1.0,
+    ) -> Solution:
+        """Evaluate `sum_{j=0}^{p} t^j phi_j(tA) b_j` for `vectors = (b_0, ..., b_p)`.
+
+        `phi_0 = exp` and `phi_{j+1}(z) = (phi_j(z) - 1/j!) / z`. The sum is the top
+        block of `exp(t Ã) [b_0; e_p]` with `Ã = [[A, W], [0, J]]`, `W = [b_p, ...,
+        b_1]` and `J` the p×p shift matrix (Al-Mohy & Higham 2011, Theorem 2.1), so a
+        single adaptive Krylov sweep of the augmented operator gives all terms.
+
+        **Arguments:** as [`krylovexp.KrylovExpm.expmv`][], with `vectors` a non-empty
+        tuple of pytrees matching the operator's input structure.
+
+        **Returns:** a [`krylovexp.Solution`][].
+        """
+        if not isinstance(vectors, (tuple, list)) or len(vectors) == 0:
+            raise ValueError(
+                "`vectors` must be a non-empty tuple (b_0, ..., b_p) of pytrees "
+                "matching the operator's input structure."
+            )
+        op = as_operator(operator)
+        for j, b in enumerate(vectors):
+            check_vector(op, b, f"vectors[{j}]")
+        if len(vectors) == 1:
+            return self.expmv(op, vectors[0], t)
+        p = len(vectors) - 1
+        flats = [ravel_pytree(b)[0] for b in vectors]
+        _, unravel = ravel_pytree(vectors[0])
+        base_params, base = flatten(op)
+        # W = [b_p, ..., b_1] scaled by 1/eta, start vector [b_0; eta e_p]; the
+        # similarity diag(I, eta I) leaves the top block unchanged.
+        coupling = jnp.stack(flats[:0:-1])
+        norms = jnp.linalg.norm(coupling, axis=1)
+        eta = lax.stop_gradient(jnp.where(jnp.max(norms) > 0, jnp.max(norms), 1))
+        coupling = coupling / eta.astype(coupling.dtype)
+        tail = jnp.zeros(p, flats[0].dtype).at[-1].set(eta.astype(flats[0].dtype))
+        start = jnp.concatenate([flats[0], tail])
+        params = (base_params, coupling)
+        return self._run(params, _AugmentedSystem(base), op, start, unravel, t, p)
+
+    def _run(self, params, system, op, flat_vector, unravel, t, augmented):
+        dtype = operator_dtype(op)
+        real_dtype = jnp.finfo(dtype).dtype
+        t = jnp.asarray(t)
+        if jnp.issubdtype(t.dtype, jnp.complexfloating):
+            raise ValueError(
+                "`t` must be real; for exp(i t H) pass the operator `1j * H` instead."
+            )
+        if t.ndim > 1:
+            raise ValueError(f"`t` must be a scalar or a 1-D array, got shape {t.shape}.")
+        if t.ndim == 1 and t.shape[0] == 0:
+            raise ValueError("`t` must not be an empty array.")
+        times = jnp.atleast_1d(t).astype(real_dtype)
+        size = operator_size(op) + augmented
+        config = self._config(op, size, augmented, real_dtype)
+        try:
+            outputs, result, stats = _evaluate(
+                (params, flat_vector, times), system, config
+            )
+        except TypeError as e:
+            if "forward-mode" in str(e) or "jvp" in str(e):
+                raise TypeError(
+                    "Forward-mode autodiff (jax.jvp, jax.jacfwd, diffrax.ForwardMode) "
+                    "is not available with the default custom adjoint "
+                    "krylovexp.KrylovAdjoint(). Pass "
+                    "`adjoint=krylovexp.DirectAdjoint()` to differentiate through the "
+                    "Krylov loops instead."
+                ) from e
+            raise
+        # The result code and statistics carry no derivative information.
+        result, stats = lax.stop_gradient((result, stats))
+        n = flat_vector.shape[0] - augmented
+        outputs = outputs[:, :n]
+        if self.throw:
+            outputs = result.error_if(outputs, result != RESULTS.successful)
+        value = jax.vmap(unravel)(outputs)
+        if t.ndim == 0:
+            value = jtu.tree_map(lambda x: x[0], value)
+        return Solution(value=value, result=result, stats=stats)
+
+    def _config(self, op, size, augmented, real_dtype) -> _Config:
+        method = self.method
+        if method == "auto":
+            lanczos = augmented == 0 and lanczos_applicable(op)
+            method = "lanczos" if lanczos else "arnoldi"
+        if self.max_krylov_dim is None:
+            max_dim = min(_DEFAULT_MAX_DIM[method], size)
+        else:
+            max_dim = self.max_krylov_dim
+            if max_dim > size:
+                raise ValueError(
+                    f"`max_krylov_dim` = {max_dim} exceeds the operator size {size}"
+                    + (f" (including {augmented} augmented rows)" if augmented else "")
+                    + "; a Krylov space cannot be larger than the space it lives in."
+                )
+        min_dim = min(self.min_krylov_dim, max_dim)
+        if method == "lanczos":
+            orth = arnoldi.Orthogonalisation(window=2, head=augmented + 1 if augmented else 0)
+        else:
+            orth = arnoldi.FULL
+        double = real_dtype == jnp.float64
+        rtol = self.rtol if self.rtol is not None else (1e-8 if double else 1e-5)
+        atol = self.atol if self.atol is not None else 0.0
+        return _Config(
+            max_dim=max_dim,
+            min_dim=min_dim,
+            max_substeps=self.max_substeps,
+            rtol=float(rtol),
+            atol=float(atol),
+            orth=orth,
+            direct=isinstance(self.adjoint, DirectAdjoint),
+        )
+
+
+class _AugmentedSystem(eqx.Module):
+    """The augmented operator `[[A, W], [0, J]]` of the phi-function identity."""
+
+    base: FlatSystem
+
+    def matvec(self, params, x):
+        base_params, coupling = params  # coupling rows: b_p, ..., b_1 (scaled)
+        p = coupling.shape[0]
+        n = x.shape[0] - p
+        head, tail = x[:n], x[n:]
+        top = self.base.matvec(base_params, head) + tail @ coupling
+        shifted = jnp.concatenate([tail[1:], jnp.zeros(1, tail.dtype)])
+        return jnp.concatenate([top, shifted])
+
+
+# ---------------------------------------------------------------------------------
+# The substepping loop.
+
+
+def _while(cond, body, init, max_steps, direct):
+    if direct:
+        return eqxi.while_loop(cond, body, init, max_steps=max_steps, kind="bounded")
+    return lax.while_loop(cond, body, init)
+
+
+class _Substep(NamedTuple):
+    decomp: arnoldi.Decomposition
+    dim: Array
+    tau: Array  # signed step actually taken (differentiable through the end time)
+    ends: Array  # whether it reaches the segment's end time
+    accepted: Array
+    rejections: Array
+    growth: Array  # suggested magnitude of the next step
+    estimate: Array
+
+
+def _substep(system, params, w, tau_try, remaining, tol_per_time, config: _Config):
+    """One adaptive substep from `w` (see `KrylovExpm`): grow the basis, then shrink
+    the step on the same basis until the error estimate meets the tolerance."""
+    m = config.max_dim
+    schedule = jnp.asarray(arnoldi.check_schedule(config.min_dim, m))
+    decomp0 = arnoldi.start(w, m)
+    sign = jnp.where(remaining < 0, -1.0, 1.0).astype(remaining.dtype)
+    cap = lax.stop_gradient(jnp.abs(remaining))
+    tau_abs = jnp.minimum(lax.stop_gradient(tau_try), cap)
+    tol = lax.stop_gradient(tol_per_time(decomp0.beta))
+
+    def estimate(decomp, dim, tau_abs):
+        coeffs = exp_coefficients(decomp.hessenberg, dim, sign * tau_abs)
+        return lax.stop_gradient(decomp.beta * jnp.abs(coeffs[dim]))
+
+    def grow_cond(state):
+        return ~state[2]
+
+    def grow_body(state):
+        decomp, j, _, _, _ = state
+        decomp, breakdown = arnoldi.step(system.matvec, params, decomp, j, config.orth)
+        dim = j + 1
+        check = schedule[dim] | breakdown
+        err = lax.cond(
+            check,
+            lambda: estimate(decomp, dim, tau_abs),
+            lambda: jnp.asarray(jnp.inf, tau_abs.dtype),
+        )
+        accepted = check & (err <= tau_abs * tol)
+        done = accepted | breakdown | (dim >= m)
+        return decomp, dim, done, err, accepted
+
+    init = (decomp0, jnp.asarray(0), jnp.asarray(False), jnp.asarray(jnp.inf, cap.dtype),
+            jnp.asarray(False))
+    decomp, dim, _, err, accepted = _while(grow_cond, grow_body, init, m, config.direct)
+
+    def shrink_cond(state):
+        _, _, accepted, count = state
+        return ~accepted & (count < _MAX_REJECTIONS)
+
+    def shrink_body(state):
+        tau_abs, err, _, count = state
+        ratio = err / (tau_abs * tol)
+        factor = jnp.clip(0.9 * ratio ** (-1.0 / dim), 0.1, 0.9)
+        factor = jnp.where(jnp.isfinite(factor), factor, 0.1)
+        tau_abs = tau_abs * factor
+        err = estimate(decomp, dim, tau_abs)
+        return tau_abs, err, err <= tau_abs * tol, count + 1
+
+    shrink_init = (tau_abs, err, accepted, jnp.asarray(0))
+    tau_abs, err, accepted, rejections = _while(
+        shrink_cond, shrink_body, shrink_init, _MAX_REJECTIONS, config.direct
+    )
+    ends = (rejections == 0) & (tau_abs >= cap)
+    tau = jnp.where(ends, remaining, sign * tau_abs)
+    ratio = err / jnp.where(tau_abs * tol > 0, tau_abs * tol, 1)
+    growth = jnp.where(ratio > 0, 0.9 * ratio ** (-1.0 / dim), 10.0)
+    growth = jnp.clip(jnp.where(jnp.isfinite(growth), growth, 10.0), 1.0, 10.0)
+    next_try = jnp.maximum(tau_abs * growth, jnp.where(rejections == 0, tau_try, 0))
+    return _Substep(decomp, dim, tau, ends, accepted, rejections, next_try, err)
+
+
+class _Carry(NamedTuple):
+    segment: Array
+    time: Array
+    w: Array
+    tau_try: Array
+    outputs: Array
+    num_substeps: Array
+    num_matvecs: Array
+    num_rejected: Array
+    dims: Array
+    error: Array
+    failed: Array
+    record: Any  # (starts, taus, segments, ends) or None
+
+
+def _loop(params, vector, times, system, config: _Config, record: bool):
+    num_times = times.shape[0]
+    n = vector.shape[0]
+    real = times.dtype
+    span = jnp.max(jnp.abs(times))
+    span = jnp.where(span > 0, span, 1)
+
+    def tol_per_time(beta):
+        return (config.atol + config.rtol * beta) / span
+
+    deltas = jnp.diff(jnp.concatenate([jnp.zeros(1, real), times]))
+    monotone = jnp.all(deltas >= 0) | jnp.all(deltas <= 0)
+    finite = jnp.all(jnp.isfinite(vector)) & jnp.all(jnp.isfinite(times))
+    for leaf in jtu.tree_leaves(params):
+        finite = finite & jnp.all(jnp.isfinite(leaf))
+    valid = monotone & finite
+
+    if record:
+        rec = (
+            jnp.zeros((config.max_substeps, n), vector.dtype),
+            jnp.zeros(config.max_substeps, real),
+            jnp.zeros(config.max_substeps, jnp.int32),
+            jnp.zeros(config.max_substeps, bool),
+        )
+    else:
+        rec = None
+
+    init = _Carry(
+        segment=jnp.where(valid, 0, num_times),
+        time=jnp.zeros((), real),
+        w=vector,
+        tau_try=jnp.abs(times[0]) if num_times else jnp.zeros((), real),
+        outputs=jnp.full((num_times, n), jnp.nan, vector.dtype),
+        num_substeps=jnp.asarray(0),
+        num_matvecs=jnp.asarray(0),
+        num_rejected=jnp.asarray(0),
+        dims=jnp.zeros(config.max_substeps, jnp.int32),
+        error=jnp.zeros((), real),
+        failed=jnp.asarray(False),
+        record=rec,
+    )
+    init = init._replace(tau_try=jnp.where(init.tau_try > 0, init.tau_try, span))
+
+    def cond(c: _Carry):
+        return (c.segment < num_times) & (c.num_substeps < config.max_substeps)
+
+    def body(c: _Carry):
+        target = times[c.segment]
+        remaining = target - c.time
+        sub = _substep(system, params, c.w, c.tau_try, remaining, tol_per_time, config)
+        w_new, _ = approximation(sub.decomp, sub.dim, sub.tau)
+        outputs = jnp.where(
+            sub.ends, c.outputs.at[c.segment].set(w_new), c.outputs
+        )
+        if record:
+            starts, taus, segments, ends = c.record
+            rec = (
+                starts.at[c.num_substeps].set(c.w),
+                taus.at[c.num_substeps].set(lax.stop_gradient(sub.tau)),
+                segments.at[c.num_substeps].set(c.segment),
+                ends.at[c.num_substeps].set(sub.ends),
+            )
+        else:
+            rec = None
+        return _Carry(
+            segment=c.segment + sub.ends.astype(c.segment.dtype),
+            time=jnp.where(sub.ends, target, c.time + sub.tau),
+            w=w_new,
+            tau_try=sub.growth,
+            outputs=outputs,
+            num_substeps=c.num_substeps + 1,
+            num_matvecs=c.num_matvecs + sub.dim,
+            num_rejected=c.num_rejected + sub.rejections,
+            dims=c.dims.at[c.num_substeps].set(sub.dim),
+            error=c.error + sub.estimate,
+            failed=c.failed | ~sub.accepted,
+            record=rec,
+        )
+
+    final = _while(cond, body, init, config.max_substeps, config.direct)
+    result = RESULTS.where(
+        ~monotone,
+        RESULTS.nonmonotone_times,
+        RESULTS.where(
+            ~finite,
+            RESULTS.nonfinite_input,
+            RESULTS.where(
+                final.segment < num_times,
+                RESULTS.max_substeps_reached,
+                RESULTS.where(
+                    final.failed,
+                    RESULTS.tolerance_not_met,
+                    RESULTS.where(
+                        jnp.all(jnp.isfinite(final.outputs)),
+                        RESULTS.successful,
+                        RESULTS.nonfinite_output,
+                    ),
+                ),
+            ),
+        ),
+    )
+    stats = {
+        "num_matvecs": final.num_matvecs,
+        "num_substeps": final.num_substeps,
+        "num_rejected": final.num_rejected,
+        "max_krylov_dim": jnp.max(final.dims),
+        "krylov_dims": final.dims,
+        "error_estimate": final.error,
+    }
+    return final, result, stats
+
+
+@eqx.filter_custom_vjp
+def _evaluate_custom(primals, system, config):
+    params, vector, times = primals
+    final, result, stats = _loop(params, vector, times, system, config, record=False)
+    return final.outputs, result, stats
+
+
+@_evaluate_custom.def_fwd
+def _evaluate_fwd(perturbed, primals, system, config):
+    del perturbed
+    params, vector, times = primals
+    final, result, stats = _loop(params, vector, times, system, config, record=True)
+    residuals = (final.record, final.dims, final.num_substeps)
+    return (final.outputs, result, stats), residuals
+
+
+@_evaluate_custom.def_bwd
+def _evaluate_bwd(residuals, grad_obj, perturbed, primals, system, config):
+    params, vector, times = primals
+    (starts, taus, segments, ends), dims, num_substeps = residuals
+    outputs_bar = grad_obj[0]
+    if outputs_bar is None:
+        outputs_bar = jnp.zeros((times.shape[0], vector.shape[0]), vector.dtype)
+    params_bar = jtu.tree_map(jnp.zeros_like, params)
+    times_bar = jnp.zeros_like(times)
+    w_bar = jnp.zeros_like(vector)
+
+    def body(k, carry):
+        w_bar, params_bar, times_bar = carry
+        s = num_substeps - 1 - k
+        seg = segments[s]
+        w_bar = w_bar + jnp.where(ends[s], outputs_bar[seg], 0)
+        dim = dims[s]
+        decomp = arnoldi.build(
+            system.matvec, params, starts[s], dim, config.max_dim, config.orth
+        )
+
+        def combine(basis, hessenberg, beta, tau):
+            decomp = arnoldi.Decomposition(basis, hessenberg, beta)
+            return approximation(decomp, dim, tau)[0]
+
+        _, combine_vjp = jax.vjp(combine, *decomp, taus[s])
+        basis_bar, hessenberg_bar, beta_bar, tau_bar = combine_vjp(w_bar)
+        tau_bar = jnp.where(ends[s], tau_bar, 0)
+        times_bar = times_bar.at[seg].add(tau_bar)
+        times_bar = times_bar.at[jnp.maximum(seg - 1, 0)].add(
+            jnp.where(seg > 0, -tau_bar, 0)
+        )
+        w_bar, params_bar = arnoldi.reverse_sweep(
+            system.matvec,
+            params,
+            decomp,
+            dim,
+            config.orth,
+            basis_bar,
+            hessenberg_bar,
+            beta_bar,
+            params_bar,
+        )
+        return w_bar, params_bar, times_bar
+
+    w_bar, params_bar, times_bar = lax.fori_loop(
+        0, num_substeps, body, (w_bar, params_bar, times_bar)
+    )
+    grads = (params_bar, w_bar, times_bar)
+    return jtu.tree_map(
+        lambda g, p: g if p else None, grads, perturbed, is_leaf=lambda x: x is None
+    )
+
+
+def _evaluate(primals, system, config: _Config):
+    if config.direct:
+        params, vector, times = primals
+        final, result, stats = _loop(params, vector, times, system, config, record=False)
+        return final.outputs, result, stats
+    return _evaluate_custom(primals, system, config)
+
+
+# ---------------------------------------------------------------------------------
+# Front doors.
+
+
+def expmv(
+    operator: lx.AbstractLinearOperator | ArrayLike,
+    vector: PyTree[ArrayLike],
+    t: Real[ArrayLike, ""] | Real[ArrayLike, " times"] = 1.0,
+    **options: Any,
+) -> PyTree[Array]:
+    """`exp(tA) v` by adaptive Krylov substepping.
+
+    **Arguments:**
+
+    - `operator`: a square `lineax.AbstractLinearOperator` or a square 2-D array.
+    - `vector`: a pytree matching the operator's input structure and dtype.
+    - `t`: a real scalar, or a 1-D array of monotone output times (one sweep).
+    - `**options`: fields of [`krylovexp.KrylovExpm`][] (`rtol`, `atol`, `method`,
+        `max_krylov_dim`, `max_substeps`, `adjoint`, `throw`, ...).
+
+    **Returns:**
+
+    `exp(tA) v` with the structure and dtype of `vector` (leading time axis for 1-D `t`).
+
+    ```python
+    import jax.numpy as jnp, lineax as lx, krylovexp as kx
+    A = lx.MatrixLinearOperator(-jnp.eye(3))
+    kx.expmv(A, jnp.ones(3), t=2.0)  # ≈ exp(-2)
+    ```
+    """
+    return KrylovExpm(**options).expmv(operator, vector, t).value
+
+
+def phimv(
+    operator: lx.AbstractLinearOperator | ArrayLike,
+    vectors: tuple[PyTree[ArrayLike], ...],
+    t: Real[ArrayLike, ""] | Real[ArrayLike, " times"] = 1.0,
+    **options: Any,
+) -> PyTree[Array]:
+    """`sum_{j=0}^{p} t^j phi_j(tA) b_j` for `vectors = (b_0, ..., b_p)`.
+
+    `phi_0 = exp`, `phi_{j+1}(z) = (phi_j(z) - 1/j!) / z` (the phipm/KIOPS
+    convention). Arguments and options as [`krylovexp.expmv`][].
+    """
+    return KrylovExpm(**options).phimv(operator, vectors, t).value
