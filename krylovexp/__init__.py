@@ -9,7 +9,21 @@ from ._expm import (
     KrylovExpm as KrylovExpm,
     phimv as phimv,
 )
+from ._linear_operator import ExpmLinearOperator as ExpmLinearOperator
 from ._solution import RESULTS as RESULTS, Solution as Solution
 
 
 __version__ = "0.1.0"
+
+# --- Exponential integrators for Diffrax (issue 3) ---------------------------------
+from ._integrators import (
+    ETDRK2 as ETDRK2,
+    ETDRK4 as ETDRK4,
+    AbstractExponentialSolver as AbstractExponentialSolver,
+    ExponentialEuler as ExponentialEuler,
+    ExponentialInterpolation as ExponentialInterpolation,
+    Exprb32 as Exprb32,
+    Exprb43 as Exprb43,
+    LinearExponential as LinearExponential,
+)
+from ._terms import LinearTerm as LinearTerm

@@ -44,10 +44,10 @@ def size_buckets(size: int) -> tuple[int, ...]:
     """Static block sizes used to keep per-step work proportional to the dimension
     reached rather than to the buffer size."""
     buckets = []
-    b = 8
-    while b < size:
+    b = 16
+    while 1.5 * b < size:
         buckets.append(b)
-        b *= 2
+        b *= 4
     buckets.append(size)
     return tuple(buckets)
 

@@ -24,7 +24,7 @@ from ._operator import (
     operator_dtype,
     operator_size,
 )
-from ._projected import approximation, exp_coefficients
+from ._projected import approximation, combine, error_estimate, exp_coefficients
 from ._solution import RESULTS, Solution
 
 
@@ -315,13 +315,14 @@ def _while(cond, body, init, max_steps, direct):
 
 
 class _Substep(NamedTuple):
+    value: Array  # the approximation at the end of the substep
     decomp: arnoldi.Decomposition
     dim: Array
-    tau: Array  # signed step actually taken (differentiable through the end time)
+    tau: Array  # signed step taken (differentiable through the end time)
     ends: Array  # whether it reaches the segment's end time
     accepted: Array
     rejections: Array
-    growth: Array  # suggested magnitude of the next step
+    next_try: Array  # suggested magnitude of the next step
     estimate: Array
 
 
@@ -336,55 +337,68 @@ def _substep(system, params, w, tau_try, remaining, tol_per_time, config: _Confi
     tau_abs = jnp.minimum(lax.stop_gradient(tau_try), cap)
     tol = lax.stop_gradient(tol_per_time(decomp0.beta))
 
-    def estimate(decomp, dim, tau_abs):
+    def coefficients(decomp, dim, tau_abs):
         coeffs = exp_coefficients(decomp.hessenberg, dim, sign * tau_abs)
-        return lax.stop_gradient(decomp.beta * jnp.abs(coeffs[dim]))
+        coeffs = lax.stop_gradient(coeffs)
+        return coeffs, error_estimate(lax.stop_gradient(decomp), coeffs, dim)
 
     def grow_cond(state):
         return ~state[2]
 
     def grow_body(state):
-        decomp, j, _, _, _ = state
+        decomp, j, _, coeffs, err, _ = state
         decomp, breakdown = arnoldi.step(system.matvec, params, decomp, j, config.orth)
         dim = j + 1
         check = schedule[dim] | breakdown
-        err = lax.cond(
+        coeffs, err = lax.cond(
             check,
-            lambda: estimate(decomp, dim, tau_abs),
-            lambda: jnp.asarray(jnp.inf, tau_abs.dtype),
+            lambda: coefficients(decomp, dim, tau_abs),
+            lambda: (coeffs, err),
         )
         accepted = check & (err <= tau_abs * tol)
         done = accepted | breakdown | (dim >= m)
-        return decomp, dim, done, err, accepted
+        return decomp, dim, done, coeffs, err, accepted
 
-    init = (decomp0, jnp.asarray(0), jnp.asarray(False), jnp.asarray(jnp.inf, cap.dtype),
-            jnp.asarray(False))
-    decomp, dim, _, err, accepted = _while(grow_cond, grow_body, init, m, config.direct)
+    init = (
+        decomp0,
+        jnp.asarray(0),
+        jnp.asarray(False),
+        jnp.zeros(m + 1, w.dtype),
+        jnp.asarray(jnp.inf, cap.dtype),
+        jnp.asarray(False),
+    )
+    decomp, dim, _, coeffs, err, accepted = _while(
+        grow_cond, grow_body, init, m, config.direct
+    )
 
     def shrink_cond(state):
-        _, _, accepted, count = state
-        return ~accepted & (count < _MAX_REJECTIONS)
+        return ~state[3] & (state[4] < _MAX_REJECTIONS)
 
     def shrink_body(state):
-        tau_abs, err, _, count = state
+        tau_abs, _, err, _, count = state
         ratio = err / (tau_abs * tol)
         factor = jnp.clip(0.9 * ratio ** (-1.0 / dim), 0.1, 0.9)
         factor = jnp.where(jnp.isfinite(factor), factor, 0.1)
         tau_abs = tau_abs * factor
-        err = estimate(decomp, dim, tau_abs)
-        return tau_abs, err, err <= tau_abs * tol, count + 1
+        coeffs, err = coefficients(decomp, dim, tau_abs)
+        return tau_abs, coeffs, err, err <= tau_abs * tol, count + 1
 
-    shrink_init = (tau_abs, err, accepted, jnp.asarray(0))
-    tau_abs, err, accepted, rejections = _while(
+    shrink_init = (tau_abs, coeffs, err, accepted, jnp.asarray(0))
+    tau_abs, coeffs, err, accepted, rejections = _while(
         shrink_cond, shrink_body, shrink_init, _MAX_REJECTIONS, config.direct
     )
     ends = (rejections == 0) & (tau_abs >= cap)
     tau = jnp.where(ends, remaining, sign * tau_abs)
+    if config.direct:
+        # Differentiate through the end time: recompute with the traced step.
+        value = approximation(decomp, dim, tau)
+    else:
+        value = combine(decomp, coeffs, dim)
     ratio = err / jnp.where(tau_abs * tol > 0, tau_abs * tol, 1)
     growth = jnp.where(ratio > 0, 0.9 * ratio ** (-1.0 / dim), 10.0)
     growth = jnp.clip(jnp.where(jnp.isfinite(growth), growth, 10.0), 1.0, 10.0)
     next_try = jnp.maximum(tau_abs * growth, jnp.where(rejections == 0, tau_try, 0))
-    return _Substep(decomp, dim, tau, ends, accepted, rejections, next_try, err)
+    return _Substep(value, decomp, dim, tau, ends, accepted, rejections, next_try, err)
 
 
 class _Carry(NamedTuple):
@@ -452,7 +466,7 @@ def _loop(params, vector, times, system, config: _Config, record: bool):
         target = times[c.segment]
         remaining = target - c.time
         sub = _substep(system, params, c.w, c.tau_try, remaining, tol_per_time, config)
-        w_new, _ = approximation(sub.decomp, sub.dim, sub.tau)
+        w_new = sub.value
         outputs = jnp.where(
             sub.ends, c.outputs.at[c.segment].set(w_new), c.outputs
         )
@@ -470,7 +484,7 @@ def _loop(params, vector, times, system, config: _Config, record: bool):
             segment=c.segment + sub.ends.astype(c.segment.dtype),
             time=jnp.where(sub.ends, target, c.time + sub.tau),
             w=w_new,
-            tau_try=sub.growth,
+            tau_try=sub.next_try,
             outputs=outputs,
             num_substeps=c.num_substeps + 1,
             num_matvecs=c.num_matvecs + sub.dim,
@@ -551,11 +565,11 @@ def _evaluate_bwd(residuals, grad_obj, perturbed, primals, system, config):
             system.matvec, params, starts[s], dim, config.max_dim, config.orth
         )
 
-        def combine(basis, hessenberg, beta, tau):
+        def substep_value(basis, hessenberg, beta, tau):
             decomp = arnoldi.Decomposition(basis, hessenberg, beta)
-            return approximation(decomp, dim, tau)[0]
+            return approximation(decomp, dim, tau)
 
-        _, combine_vjp = jax.vjp(combine, *decomp, taus[s])
+        _, combine_vjp = jax.vjp(substep_value, *decomp, taus[s])
         basis_bar, hessenberg_bar, beta_bar, tau_bar = combine_vjp(w_bar)
         tau_bar = jnp.where(ends[s], tau_bar, 0)
         times_bar = times_bar.at[seg].add(tau_bar)

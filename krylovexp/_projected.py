@@ -13,10 +13,65 @@ corrected approximation `beta Q_{k+1} exp(tau H_ext) e_1`, which uses that entry
 """
 
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
+import numpy as np
 
 from ._arnoldi import Decomposition, bucket_switch
+
+
+_PADE13 = np.array(
+    [
+        64764752532480000.0,
+        32382376266240000.0,
+        7771770303897600.0,
+        1187353796428800.0,
+        129060195264000.0,
+        10559470521600.0,
+        670442572800.0,
+        33522128640.0,
+        1323241920.0,
+        40840800.0,
+        960960.0,
+        16380.0,
+        182.0,
+        1.0,
+    ]
+)
+_THETA13 = 5.371920351148152
+_MAX_SQUARINGS = 40
+
+
+def expm_small(matrix: jax.Array) -> jax.Array:
+    """Dense exponential of a small matrix: [13/13] Padé approximant with scaling and
+    squaring (Higham 2005). One branch and a fixed-length squaring scan keep it cheap
+    to compile and reverse-differentiable. Returns NaN if the norm is beyond 2^40."""
+    size = matrix.shape[0]
+    b = [jnp.asarray(c, matrix.dtype) for c in _PADE13]
+    norm = jnp.max(jnp.sum(jnp.abs(matrix), axis=0))
+    squarings = jnp.maximum(0, jnp.ceil(jnp.log2(norm / _THETA13)))
+    squarings = jnp.where(jnp.isfinite(squarings), squarings, 2 * _MAX_SQUARINGS)
+    scaled = matrix / (2.0**squarings).astype(matrix.dtype)
+    eye = jnp.eye(size, dtype=matrix.dtype)
+    a2 = scaled @ scaled
+    a4 = a2 @ a2
+    a6 = a4 @ a2
+    u = scaled @ (
+        a6 @ (b[13] * a6 + b[11] * a4 + b[9] * a2)
+        + b[7] * a6
+        + b[5] * a4
+        + b[3] * a2
+        + b[1] * eye
+    )
+    v = a6 @ (b[12] * a6 + b[10] * a4 + b[8] * a2) + b[6] * a6 + b[4] * a4 + b[2] * a2
+    v = v + b[0] * eye
+    result = jnp.linalg.solve(v - u, v + u)
+
+    def square(i, r):
+        return lax.cond(i < squarings, lambda r: r @ r, lambda r: r, r)
+
+    result = lax.fori_loop(0, _MAX_SQUARINGS, square, result)
+    return jnp.where(squarings <= _MAX_SQUARINGS, result, jnp.nan)
 
 
 def exp_coefficients(hessenberg: jax.Array, dim: jax.Array, tau: jax.Array):
@@ -33,7 +88,7 @@ def exp_coefficients(hessenberg: jax.Array, dim: jax.Array, tau: jax.Array):
 
     def branch(b):
         def first_column(matrix):
-            column = jsl.expm(matrix[:b, :b])[:, 0]
+            column = expm_small(matrix[:b, :b])[:, 0]
             return jnp.zeros(m1, matrix.dtype).at[:b].set(column)
 
         return first_column
@@ -41,12 +96,19 @@ def exp_coefficients(hessenberg: jax.Array, dim: jax.Array, tau: jax.Array):
     return bucket_switch(dim + 1, m1, branch, extended)
 
 
-def approximation(decomp: Decomposition, dim: jax.Array, tau: jax.Array):
-    """The corrected Krylov approximation of `exp(tau A) v` and its error estimate."""
-    coeffs = exp_coefficients(decomp.hessenberg, dim, tau)
-    beta = decomp.beta.astype(coeffs.dtype)
+def error_estimate(decomp: Decomposition, coeffs: jax.Array, dim: jax.Array):
+    """A-posteriori 2-norm error estimate `beta |h_{k+1,k} tau e_k^T phi_1(tau H) e_1|`
+    of the Krylov approximation of dimension `dim` (Saad 1992)."""
+    return decomp.beta * jnp.abs(coeffs[dim])
+
+
+def combine(decomp: Decomposition, coeffs: jax.Array, dim: jax.Array) -> jax.Array:
+    """The corrected approximation `beta Q_{k+1} exp(tau H_ext) e_1`."""
     rows = jnp.arange(coeffs.shape[0])
     coeffs = jnp.where(rows <= dim, coeffs, 0)
-    value = beta * (coeffs @ decomp.basis)
-    estimate = decomp.beta * jnp.abs(coeffs[dim])
-    return value, estimate
+    return decomp.beta.astype(coeffs.dtype) * (coeffs @ decomp.basis)
+
+
+def approximation(decomp: Decomposition, dim: jax.Array, tau: jax.Array) -> jax.Array:
+    """The corrected Krylov approximation of `exp(tau A) v` for dimension `dim`."""
+    return combine(decomp, exp_coefficients(decomp.hessenberg, dim, tau), dim)
