@@ -4,16 +4,19 @@ Two stiff linear PDE operators on the unit square, discretised on an `n × n` in
 grid with homogeneous Dirichlet boundaries (`h = 1/(n+1)`), applied matrix-free with
 array slicing (no dense or sparse matrix on the JAX side):
 
-- **heat** (problem A): `A(κ) u = κ Δ_h u`, the 5-point Laplacian scaled by the diffusion
-  coefficient `κ`. Symmetric negative definite; tagged `lineax.symmetric_tag`.
-- **advection–diffusion** (problem B): `A(c) u = ν Δ_h u − c_x ∂_x u − c_y ∂_y u` with
-  central differences for the advection. With cell Péclet number `|c| h / (2ν) < 1` the
-  spectrum is real and negative (the operator is diagonally similar to a symmetric one) but
-  the similarity transform is badly conditioned: the operator is strongly non-normal.
+- **heat** (problem A): `A(κ) u = κ Δ_h u`, the 5-point Laplacian scaled by the
+  diffusion coefficient `κ`. Symmetric negative definite; tagged
+  `lineax.symmetric_tag`.
+- **advection–diffusion** (problem B): `A(c) u = ν Δ_h u − c_x ∂_x u − c_y ∂_y u`
+  with central differences for the advection. With cell Péclet number
+  `|c| h / (2ν) < 1` the spectrum is real and negative (the operator is diagonally
+  similar to a symmetric one) but the similarity transform is badly conditioned: the
+  operator is strongly non-normal.
 
 Each builder takes the parameter `θ` (κ, or the velocity `c`) as a JAX array so that
 gradients can flow through it. Vectors are flat arrays of length `n²` (row-major,
-axis 0 = x). `sparse_matrix` gives the same operator as a SciPy CSR matrix, for references.
+axis 0 = x). `Problem.sparse` gives the same operator as a SciPy CSR matrix, for
+references.
 """
 
 import dataclasses
@@ -60,7 +63,7 @@ def heat_matvec(n: int) -> Callable:
 
 
 def advdiff_matvec(n: int, nu: float) -> Callable:
-    """`(v, c) ↦ ν Δ_h v − c·∇_h v` on flat vectors of length `n²`; `c` has shape (2,)."""
+    """`(v, c) ↦ ν Δ_h v − c·∇_h v` on flat vectors of length `n²`; `c` = (c_x, c_y)."""
     h, _ = grid(n)
 
     def matvec(v, c):
@@ -135,10 +138,12 @@ class Problem:
 
 
 def heat_problem(n: int = 128, T: float = 0.01, kappa: float = 1.0) -> Problem:
-    """Problem A: stiff 2-D heat equation, `‖T A‖₂ ≈ 8 κ T (n+1)²` (≈1.33e3 for n=128)."""
+    """Problem A: stiff 2-D heat equation, `‖TA‖₂ ≈ 8κT(n+1)²` (1.33e3 for n = 128)."""
     return Problem(
         name="A",
-        description=f"2-D heat, 5-pt Laplacian, Dirichlet, {n}x{n}, kappa={kappa}, T={T}",
+        description=(
+            f"2-D heat, 5-pt Laplacian, Dirichlet, {n}x{n}, kappa={kappa}, T={T}"
+        ),
         n=n,
         T=T,
         theta=np.asarray(kappa, dtype=np.float64),
@@ -156,10 +161,10 @@ def advdiff_problem(
 
     Default velocity (60, 30) with ν = 1: global Péclet number |c|/ν ≈ 67, cell Péclet
     number |c| h/(2ν) ≈ 0.26 (real spectrum, no wiggles). The operator is diagonally
-    similar to a symmetric one through `D = diag(exp(c·x / (2ν)))`, whose condition number
-    `exp((|c_x| + |c_y|)(1 − 2h)/(2ν)) ≈ 1e19` measures the non-normality (Reddy &
-    Trefethen 1994). The bump starts at (0.3, 0.35) and is advected by `c T = (0.6, 0.3)`
-    into the outflow boundary layer.
+    similar to a symmetric one through `D = diag(exp(c·x / (2ν)))`, whose condition
+    number `exp((|c_x| + |c_y|)(1 − 2h)/(2ν)) ≈ 1e19` measures the non-normality
+    (Reddy & Trefethen 1994). The bump starts at (0.3, 0.35) and is advected by
+    `c T = (0.6, 0.3)` into the outflow boundary layer.
     """
     velocity = np.asarray(velocity, dtype=np.float64)
     return Problem(

@@ -13,6 +13,7 @@ from typing import ClassVar
 import diffrax
 import equinox as eqx
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
@@ -208,7 +209,9 @@ def _classify(name: str, terms, kinds: tuple[str, ...]) -> _Problem:
             "`MultiTerm(LinearTerm(L), ODETerm(N))`.)"
         )
     raise ValueError(
-        f"`{name}` expects " + ", or ".join(expected) + f"; got `{_describe(terms)}`."
+        f"`{name}` expects "
+        + ", or ".join(expected)
+        + f"; got `{_describe(terms)}`."
         + hint
     )
 
@@ -251,6 +254,21 @@ def _stack_nodes(tree, idx):
     return jtu.tree_map(lambda x: x[np.asarray(idx)], tree)
 
 
+def _where(pred, a, b):
+    return jtu.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def _combine(coefs, stacked):
+    """`sum_k coefs[k] x_k` for a pytree whose leaves stack the `x_k` on axis 0."""
+    return jtu.tree_map(
+        lambda x: jnp.tensordot(coefs.astype(x.dtype), x, axes=1), stacked
+    )
+
+
+def _repeat(tree, k):
+    return jtu.tree_map(lambda x: jnp.zeros((k,) + x.shape, x.dtype), tree)
+
+
 def _all_finite(tree) -> Bool[Array, ""]:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
@@ -280,6 +298,28 @@ class _Tracker:
 
     def count(self, n):
         self.matvecs.append(jnp.asarray(n))
+
+    def sweeps(self, krylov, operator, num, vectors_fn, times_fn, update_fn, aux):
+        """Run `num` dependent `phimv` sweeps as one `lax.scan`.
+
+        Iteration `i` evaluates `phimv(operator, vectors_fn(i, aux), times_fn(i))` and
+        then `aux = update_fn(i, values, aux)`. One call site means one compiled Krylov
+        loop per solver, whatever its number of stages.
+        """
+
+        def body(carry, i):
+            aux, ok, matvecs = carry
+            sol = krylov.phimv(operator, vectors_fn(i, aux), times_fn(i))
+            ok = ok & (sol.result == KRYLOV_RESULTS.successful)
+            matvecs = matvecs + sol.stats["num_matvecs"].astype(matvecs.dtype)
+            aux = update_fn(i, sol.value, aux)
+            return (aux, ok, matvecs), None
+
+        init = (aux, jnp.array(True), jnp.array(0, dtype=jnp.int32))
+        (aux, ok, matvecs), _ = lax.scan(body, init, jnp.arange(num))
+        self.ok.append(ok)
+        self.matvecs.append(matvecs)
+        return aux
 
     def finish(self, y1, y_error, dense_ys, state):
         krylov_ok = jnp.all(jnp.stack(self.ok)) if self.ok else jnp.array(True)
@@ -485,15 +525,31 @@ class ETDRK2(AbstractExponentialSolver):
         return 2
 
     def _step(self, problem, t0, t1, h, y0, args, tracker):
-        krylov = self._krylov()
         operator = problem.linear.make_operator(args)
         nonlinear = problem.nonlinear
         n0 = _vf(nonlinear, t0, y0, args)
-        a = tracker.add(krylov.phimv(operator, (y0, n0), h))
-        na = _vf(nonlinear, t1, a, args)
         hinv = _safe_inverse(h)
-        b2 = _lin((hinv, na), (-hinv, n0))
-        values = tracker.add(krylov.phimv(operator, (y0, n0, b2), self._times(h)))
+        times = self._times(h)
+
+        # Sweep 0: a = exp(hL) y0 + h phi_1 N0 (b_2 = 0).
+        # Sweep 1: y1 = a + h phi_2 (N(t1, a) - N0), i.e. b_2 = (N(t1, a) - N0) / h.
+        def vectors(i, aux):
+            b2, _ = aux
+            return (y0, n0, b2)
+
+        def update(i, values, aux):
+            b2, _ = aux
+
+            def slope():
+                na = _vf(nonlinear, t1, _at(values, -1), args)
+                return _lin((hinv, na), (-hinv, n0))
+
+            return lax.cond(i == 0, slope, lambda: b2), values
+
+        aux = (_zeros_like(y0), _repeat(y0, len(_NODES) + 1))
+        _, values = tracker.sweeps(
+            self._krylov(), operator, 2, vectors, lambda i: times, update, aux
+        )
         y1, ym = _split_dense(values)
         return y1, None, ym
 
@@ -544,25 +600,51 @@ class ETDRK4(AbstractExponentialSolver):
         return 4
 
     def _step(self, problem, t0, t1, h, y0, args, tracker):
-        krylov = self._krylov()
         operator = problem.linear.make_operator(args)
         nonlinear = problem.nonlinear
-        half = 0.5 * h
-        t_half = t0 + 0.5 * (t1 - t0)
         hinv = _safe_inverse(h)
+        dtype = h.dtype
+        # Sweep i computes U_{i+2} (i = 0, 1, 2) and then y1 (i = 3) as
+        # phimv(L, (y0, G_1, b_2, b_3), tau_i) with b_2 = sum_k B2[i, k] G_k / h and
+        # b_3 = sum_k B3[i, k] G_k / h².
+        tau = jnp.asarray((0.5, 0.5, 1.0, 1.0), dtype=dtype)
+        c_next = jnp.asarray((0.5, 0.5, 1.0, 1.0), dtype=dtype)
+        b2_table = jnp.asarray(
+            ((0, 0, 0, 0), (-4, 4, 0, 0), (-2, 0, 2, 0), (-3, 2, 2, -1)), dtype=dtype
+        )
+        b3_table = jnp.asarray(
+            ((0, 0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0), (4, -4, -4, 4)), dtype=dtype
+        )
+        nodes = jnp.asarray(_NODES + (1.0,), dtype=dtype)
         g1 = _vf(nonlinear, t0, y0, args)
-        u2 = tracker.add(krylov.phimv(operator, (y0, g1), half))
-        g2 = _vf(nonlinear, t_half, u2, args)
-        b = _lin((4 * hinv, g2), (-4 * hinv, g1))
-        u3 = tracker.add(krylov.phimv(operator, (y0, g1, b), half))
-        g3 = _vf(nonlinear, t_half, u3, args)
-        b = _lin((2 * hinv, g3), (-2 * hinv, g1))
-        u4 = tracker.add(krylov.phimv(operator, (y0, g1, b), h))
-        g4 = _vf(nonlinear, t1, u4, args)
-        b2 = _lin((-3 * hinv, g1), (2 * hinv, g2), (2 * hinv, g3), (-hinv, g4))
-        h2inv = 4 * hinv * hinv
-        b3 = _lin((h2inv, g1), (-h2inv, g2), (-h2inv, g3), (h2inv, g4))
-        values = tracker.add(krylov.phimv(operator, (y0, g1, b2, b3), self._times(h)))
+
+        def vectors(i, aux):
+            gs, _ = aux
+            b2 = _combine(b2_table[i] * hinv, gs)
+            b3 = _combine(b3_table[i] * hinv * hinv, gs)
+            return (y0, g1, b2, b3)
+
+        def update(i, values, aux):
+            gs, _ = aux
+
+            def stage():
+                t = t0 + c_next[i] * (t1 - t0)
+                g = _vf(nonlinear, t, _at(values, -1), args)
+                return jtu.tree_map(lambda a, b: a.at[i + 1].set(b), gs, g)
+
+            return lax.cond(i < 3, stage, lambda: gs), values
+
+        gs = jtu.tree_map(lambda g: jnp.zeros((4,) + g.shape, g.dtype).at[0].set(g), g1)
+        aux = (gs, _repeat(y0, len(_NODES) + 1))
+        _, values = tracker.sweeps(
+            self._krylov(),
+            operator,
+            4,
+            vectors,
+            lambda i: tau[i] * h * nodes,
+            update,
+            aux,
+        )
         y1, ym = _split_dense(values)
         return y1, None, ym
 
@@ -609,11 +691,10 @@ class _Linearisation:
         self.v = ft
         self.term = term
 
-    def remainder(self, t, c_h, u, tracker):
+    def remainder(self, t, c_h, u):
         """`g(t, u) - g(t0, y0)` at the stage time `t` (`c_h = t_phys - t0_phys`)."""
         fu = _vf(self.term, t, u, self.args)
         du = _lin((1.0, u), (-1.0, self.y0))
-        tracker.count(1)
         jdu = self.jac_part.mv(du)
         return _lin((1.0, fu), (-1.0, self.n0), (-1.0, jdu), (-c_h, self.v))
 
@@ -665,21 +746,51 @@ class Exprb32(diffrax.AbstractAdaptiveSolver, AbstractExponentialSolver):
         return 3
 
     def _step(self, problem, t0, t1, h, y0, args, tracker):
-        krylov = self._krylov()
         lin = _Linearisation(problem, t0, y0, args, _direction(t0, t1, h))
-        op = lin.operator
         zero = _zeros_like(y0)
-        a = tracker.add(krylov.phimv(op, (zero, lin.f0, lin.v), self._times(h)))
-        u2 = _lin((1.0, y0), (1.0, _at(a, -1)))
-        d2 = lin.remainder(t1, h, u2, tracker)
         hinv = _safe_inverse(h)
-        b3 = _lin((2 * hinv * hinv, d2))
-        e = tracker.add(krylov.phimv(op, (zero, zero, zero, b3), self._times(h)))
-        y_error = _at(e, -1)
-        y1 = _lin((1.0, u2), (1.0, y_error))
-        ym = _stack_nodes(
-            jtu.tree_map(lambda y, x, z: y[None] + x + z, y0, a, e), [0, 1]
+        times = self._times(h)
+        k = len(_NODES) + 1
+
+        # Sweep 0: h phi_1(hJ) F0 + h² phi_2(hJ) v  -> U_2 = y0 + that.
+        # Sweep 1: 2h phi_3(hJ) D_2 (the error estimate), b_3 = 2 D_2 / h².
+        def vectors(i, aux):
+            b3, _ = aux
+            first = i == 0
+            return (
+                zero,
+                _where(first, lin.f0, zero),
+                _where(first, lin.v, zero),
+                _where(first, zero, b3),
+            )
+
+        def update(i, values, aux):
+            b3, outs = aux
+
+            def remainder():
+                u2 = _lin((1.0, y0), (1.0, _at(values, -1)))
+                d2 = lin.remainder(t1, h, u2)
+                return _lin((2 * hinv * hinv, d2))
+
+            b3 = lax.cond(i == 0, remainder, lambda: b3)
+            outs = jtu.tree_map(lambda o, v: o.at[i].set(v), outs, values)
+            return b3, outs
+
+        outs = jtu.tree_map(lambda y: jnp.zeros((2, k) + y.shape, y.dtype), y0)
+        _, outs = tracker.sweeps(
+            self._krylov(),
+            lin.operator,
+            2,
+            vectors,
+            lambda i: times,
+            update,
+            (zero, outs),
         )
+        tracker.count(1)  # J (U_2 - y0) in the remainder
+        increments = jtu.tree_map(lambda o: o[0] + o[1], outs)  # at h/3, 2h/3, h
+        y_error = _at(_at(outs, 1), -1)
+        values = jtu.tree_map(lambda y, d: y[None] + d, y0, increments)
+        y1, ym = _split_dense(values)
         return y1, y_error, ym
 
 
@@ -727,30 +838,63 @@ class Exprb43(diffrax.AbstractAdaptiveSolver, AbstractExponentialSolver):
         return 4
 
     def _step(self, problem, t0, t1, h, y0, args, tracker):
-        krylov = self._krylov()
         lin = _Linearisation(problem, t0, y0, args, _direction(t0, t1, h))
-        op = lin.operator
         zero = _zeros_like(y0)
         hinv = _safe_inverse(h)
-        # Output times h/3, h/2, 2h/3, h (sorted): U_2 needs h/2, the rest h and the
-        # dense-output nodes.
-        times = h * jnp.asarray((_NODES[0], 0.5, _NODES[1], 1.0), dtype=h.dtype)
-        a = tracker.add(krylov.phimv(op, (zero, lin.f0, lin.v), times))
-        u2 = _lin((1.0, y0), (1.0, _at(a, 1)))
-        d2 = lin.remainder(t0 + 0.5 * (t1 - t0), 0.5 * h, u2, tracker)
-        b = tracker.add(krylov.phimv(op, (zero, d2), h))
-        u3 = _lin((1.0, y0), (1.0, _at(a, -1)), (1.0, b))
-        d3 = lin.remainder(t1, h, u3, tracker)
         h2inv = hinv * hinv
-        b3 = _lin((16 * h2inv, d2), (-2 * h2inv, d3))
-        b4 = _lin((-48 * h2inv * hinv, d2), (12 * h2inv * hinv, d3))
-        c = tracker.add(krylov.phimv(op, (zero, zero, zero, b3), self._times(h)))
-        e = tracker.add(krylov.phimv(op, (zero, zero, zero, zero, b4), self._times(h)))
-        y_error = _at(e, -1)
-        y1 = _lin((1.0, y0), (1.0, _at(a, -1)), (1.0, _at(c, -1)), (1.0, y_error))
-        a_nodes = _stack_nodes(a, [0, 2])
-        ym = jtu.tree_map(
-            lambda y, x, z, w: y[None] + x + z[:2] + w[:2], y0, a_nodes, c, e
-        )
-        return y1, y_error, ym
+        h3inv = h2inv * hinv
+        # Output times h/3, h/2, 2h/3, h (index 1: U_2; index 3: the step).
+        times = h * jnp.asarray((_NODES[0], 0.5, _NODES[1], 1.0), dtype=h.dtype)
+        t_half = t0 + 0.5 * (t1 - t0)
 
+        # Sweep 0 (A): h phi_1 F0 + h² phi_2 v at all times; U_2 = y0 + A(h/2).
+        # Sweep 1 (B): h phi_1(hJ) D_2;                     U_3 = y0 + A(h) + B(h).
+        # Sweep 2 (C): h phi_3 (16 D_2 - 2 D_3),  b_3 = (16 D_2 - 2 D_3) / h².
+        # Sweep 3 (E): h phi_4 (-48 D_2 + 12 D_3), b_4 = (-48 D_2 + 12 D_3) / h³.
+        def vectors(i, aux):
+            d2, d3, _ = aux
+            b3 = _lin((16 * h2inv, d2), (-2 * h2inv, d3))
+            b4 = _lin((-48 * h3inv, d2), (12 * h3inv, d3))
+            return (
+                zero,
+                _where(i == 0, lin.f0, _where(i == 1, d2, zero)),
+                _where(i == 0, lin.v, zero),
+                _where(i == 2, b3, zero),
+                _where(i == 3, b4, zero),
+            )
+
+        def update(i, values, aux):
+            d2, d3, outs = aux
+            outs = jtu.tree_map(lambda o, v: o.at[i].set(v), outs, values)
+
+            def stage2():
+                u2 = _lin((1.0, y0), (1.0, _at(values, 1)))
+                return lin.remainder(t_half, 0.5 * h, u2), d3
+
+            def stage3():
+                a_end = jtu.tree_map(lambda o: o[0, -1], outs)
+                u3 = _lin((1.0, y0), (1.0, a_end), (1.0, _at(values, -1)))
+                return d2, lin.remainder(t1, h, u3)
+
+            d2, d3 = lax.switch(jnp.minimum(i, 2), (stage2, stage3, lambda: (d2, d3)))
+            return d2, d3, outs
+
+        outs = jtu.tree_map(lambda y: jnp.zeros((4, 4) + y.shape, y.dtype), y0)
+        _, _, outs = tracker.sweeps(
+            self._krylov(),
+            lin.operator,
+            4,
+            vectors,
+            lambda i: times,
+            update,
+            (zero, zero, outs),
+        )
+        tracker.count(2)  # J (U_i - y0) in the two remainders
+        # y(θh) - y0 = A + C + E at θ = 1/3, 2/3, 1 (time indices 0, 2, 3).
+        increments = jtu.tree_map(
+            lambda o: (o[0] + o[2] + o[3])[np.array([0, 2, 3])], outs
+        )
+        y_error = jtu.tree_map(lambda o: o[3, -1], outs)
+        values = jtu.tree_map(lambda y, d: y[None] + d, y0, increments)
+        y1, ym = _split_dense(values)
+        return y1, y_error, ym

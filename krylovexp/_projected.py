@@ -102,13 +102,19 @@ def error_estimate(decomp: Decomposition, coeffs: jax.Array, dim: jax.Array):
     return decomp.beta * jnp.abs(coeffs[dim])
 
 
-def combine(decomp: Decomposition, coeffs: jax.Array, dim: jax.Array) -> jax.Array:
-    """The corrected approximation `beta Q_{k+1} exp(tau H_ext) e_1`."""
+def combine(
+    decomp: Decomposition, coeffs: jax.Array, dim: jax.Array, corrected: bool = True
+) -> jax.Array:
+    """The corrected approximation `beta Q_{k+1} exp(tau H_ext) e_1`, or with
+    `corrected=False` the plain one, `beta Q_k exp(tau H_k) e_1`."""
     rows = jnp.arange(coeffs.shape[0])
-    coeffs = jnp.where(rows <= dim, coeffs, 0)
+    coeffs = jnp.where(rows <= dim if corrected else rows < dim, coeffs, 0)
     return decomp.beta.astype(coeffs.dtype) * (coeffs @ decomp.basis)
 
 
-def approximation(decomp: Decomposition, dim: jax.Array, tau: jax.Array) -> jax.Array:
-    """The corrected Krylov approximation of `exp(tau A) v` for dimension `dim`."""
-    return combine(decomp, exp_coefficients(decomp.hessenberg, dim, tau), dim)
+def approximation(
+    decomp: Decomposition, dim: jax.Array, tau: jax.Array, corrected: bool = True
+) -> jax.Array:
+    """The Krylov approximation of `exp(tau A) v` for dimension `dim`."""
+    coeffs = exp_coefficients(decomp.hessenberg, dim, tau)
+    return combine(decomp, coeffs, dim, corrected)
