@@ -1,0 +1,274 @@
+"""Reverse- and forward-mode derivatives against autodiff of the dense exponential,
+central finite differences, differentiation through the loop, and matfree."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+import lineax as lx
+import matfree.decomp
+import matfree.funm
+import numpy as np
+import pytest
+from problems import convection_diffusion_1d, laplacian_1d, random_hermitian, rel_err
+
+import krylovexp as kx
+
+
+N = 30
+RNG = np.random.default_rng(1)
+A = jnp.asarray(convection_diffusion_1d(N, velocity=20.0) / 300.0)
+V = jnp.asarray(RNG.standard_normal(N))
+AC = A + 1j * jnp.asarray(random_hermitian(N, 4))
+VC = V + 1j * jnp.asarray(RNG.standard_normal(N))
+
+
+def loss_krylov(matrix, vector, t, **options):
+    u = kx.expmv(matrix, vector, t, rtol=1e-12, **options)
+    return jnp.sum(jnp.abs(u) ** 2) + jnp.sum(jnp.real(u) * jnp.arange(N))
+
+
+def loss_dense(matrix, vector, t):
+    u = jsl.expm(t * matrix) @ vector
+    return jnp.sum(jnp.abs(u) ** 2) + jnp.sum(jnp.real(u) * jnp.arange(N))
+
+
+grad_krylov = jax.jit(jax.grad(loss_krylov, argnums=(0, 1, 2)))
+grad_dense = jax.jit(jax.grad(loss_dense, argnums=(0, 1, 2)))
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("t", [0.8, -0.4, 0.0])
+def test_grad_matches_dense_autodiff(complex_, t):
+    matrix, vector = (AC, VC) if complex_ else (A, V)
+    got = grad_krylov(matrix, vector, t)
+    want = grad_dense(matrix, vector, t)
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < 1e-9
+
+
+def test_grad_agrees_with_differentiating_through_the_loop():
+    """The custom adjoint is the exact derivative of the computed approximation."""
+    direct = jax.jit(
+        jax.grad(lambda m, v, t: loss_krylov(m, v, t, adjoint=kx.DirectAdjoint()),
+                 argnums=(0, 1, 2))
+    )
+    for matrix, vector in ((A, V), (AC, VC)):
+        options = dict(rtol=1e-4, max_krylov_dim=6)  # several substeps, loose
+        g1 = jax.grad(lambda m, v, t: jnp.sum(jnp.abs(kx.expmv(m, v, t, **options)) ** 2),
+                      argnums=(0, 1, 2))(matrix, vector, 1.5)
+        g2 = jax.grad(
+            lambda m, v, t: jnp.sum(
+                jnp.abs(kx.expmv(m, v, t, adjoint=kx.DirectAdjoint(), **options)) ** 2
+            ),
+            argnums=(0, 1, 2),
+        )(matrix, vector, 1.5)
+        for a, b in zip(g1, g2, strict=True):
+            assert rel_err(a, b) < 1e-11
+    del direct
+
+
+def test_grad_stiff_substeps_and_lanczos():
+    n = 40
+    lap = laplacian_1d(n, (n + 1) ** 2)
+    u0 = jnp.asarray(np.sin(np.linspace(0, 3, n)) ** 2)
+    t = 2e3 / np.linalg.norm(lap, 2)
+
+    def loss(kappa, u0, op_fn):
+        return jnp.sum(kx.expmv(op_fn(kappa), u0, t, rtol=1e-12, max_krylov_dim=20) ** 2)
+
+    def tagged(kappa):
+        return lx.MatrixLinearOperator(kappa * jnp.asarray(lap), lx.symmetric_tag)
+
+    def dense(kappa, u0):
+        return jnp.sum((jsl.expm(t * kappa * jnp.asarray(lap)) @ u0) ** 2)
+
+    got = jax.grad(loss, argnums=(0, 1))(1.3, u0, tagged)
+    want = jax.grad(dense, argnums=(0, 1))(1.3, u0)
+    assert rel_err(got[0], want[0]) < 1e-8
+    assert rel_err(got[1], want[1]) < 1e-8
+    sol = kx.KrylovExpm(rtol=1e-12, max_krylov_dim=20).expmv(tagged(1.3), u0, t)
+    assert int(sol.stats["num_substeps"]) > 3
+
+
+class Diffusion(lx.FunctionLinearOperator):
+    pass
+
+
+def test_grad_reaches_closed_over_arrays_and_fields_fd():
+    """A matrix-free operator whose parameter is closed over, and a custom Module
+    operator with the parameter as a field; checked by central differences."""
+    n = 25
+    h = 1.0 / (n + 1)
+
+    def apply(kappa, u):
+        up = jnp.pad(u, 1)
+        flux = kappa * (up[1:] - up[:-1]) / h  # kappa on the n + 1 cell faces
+        return (flux[1:] - flux[:-1]) / h
+
+    structure = jax.ShapeDtypeStruct((n,), jnp.float64)
+    u0 = jnp.asarray(np.exp(-30 * (np.linspace(0, 1, n) - 0.3) ** 2))
+
+    def loss_closure(theta):
+        op = lx.FunctionLinearOperator(lambda u: apply(jnp.exp(theta), u), structure,
+                                       lx.symmetric_tag)
+        return jnp.sum(kx.expmv(op, u0, 0.01, rtol=1e-12) ** 3)
+
+    class FaceDiffusion(lx.AbstractLinearOperator):
+        theta: jax.Array
+
+        def mv(self, u):
+            return apply(jnp.exp(self.theta), u)
+
+        def as_matrix(self):
+            return jax.jacfwd(self.mv)(u0)
+
+        def transpose(self):
+            return self
+
+        def in_structure(self):
+            return structure
+
+        def out_structure(self):
+            return structure
+
+    @lx.is_symmetric.register(FaceDiffusion)
+    def _(op):
+        return True
+
+    @lx.linearise.register(FaceDiffusion)
+    def _(op):
+        return op
+
+    def loss_field(theta):
+        return jnp.sum(kx.expmv(FaceDiffusion(theta), u0, 0.01, rtol=1e-12) ** 3)
+
+    theta = jnp.asarray(np.cos(np.linspace(0, 2, n + 1)))
+    direction = jnp.asarray(RNG.standard_normal(n + 1))
+    eps = 1e-5
+    for loss in (loss_closure, loss_field):
+        fd = (loss(theta + eps * direction) - loss(theta - eps * direction)) / (2 * eps)
+        g = jax.grad(loss)(theta)
+        assert abs(float(g @ direction) - float(fd)) < 1e-7 * abs(float(fd))
+
+
+def test_grad_phimv_against_augmented_dense():
+    bs = tuple(jnp.asarray(RNG.standard_normal(N)) for _ in range(4))
+
+    def dense(matrix, bs, t):
+        p = len(bs) - 1
+        w = jnp.stack(bs[:0:-1], axis=1)
+        big = jnp.block([[matrix, w], [jnp.zeros((p, N)), jnp.eye(p, k=1)]])
+        start = jnp.concatenate([bs[0], jnp.eye(p)[-1]])
+        return jnp.sum(jnp.sin((jsl.expm(t * big) @ start)[:N]))
+
+    def krylov(matrix, bs, t):
+        return jnp.sum(jnp.sin(kx.phimv(matrix, bs, t, rtol=1e-12)))
+
+    got = jax.grad(krylov, argnums=(0, 1, 2))(A, bs, 0.6)
+    want = jax.grad(dense, argnums=(0, 1, 2))(A, bs, 0.6)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert rel_err(g, w) < 1e-9
+
+
+def test_grad_time_grid():
+    times = jnp.array([0.1, 0.4, 0.4, 1.0])
+
+    def krylov(times):
+        return jnp.sum(jnp.sin(kx.expmv(A, V, times, rtol=1e-12)) * jnp.arange(4.0)[:, None])
+
+    def dense(times):
+        out = jnp.stack([jsl.expm(t * A) @ V for t in times])
+        return jnp.sum(jnp.sin(out) * jnp.arange(4.0)[:, None])
+
+    assert rel_err(jax.grad(krylov)(times), jax.grad(dense)(times)) < 1e-9
+
+
+def test_grad_breakdown_is_finite_and_exact():
+    """v stays in an invariant subspace of A(theta) for every theta: the Krylov space
+    is exhausted at dimension 3, values and gradients are exact (no division by the
+    vanishing subdiagonal entry)."""
+    block = jnp.asarray(RNG.standard_normal((3, 3)))
+    rest = A[3:, 3:]
+
+    def matrix(theta):
+        top = jnp.concatenate([theta[0] * block, jnp.zeros((3, N - 3))], axis=1)
+        bottom = jnp.concatenate([jnp.zeros((N - 3, 3)), theta[1] * rest], axis=1)
+        return jnp.concatenate([top, bottom])
+
+    v = jnp.zeros(N).at[:3].set(jnp.asarray(RNG.standard_normal(3)))
+
+    def krylov(theta, v):
+        return jnp.sum(kx.expmv(matrix(theta), v, 1.2) ** 2)
+
+    def dense(theta, v):
+        return jnp.sum((jsl.expm(1.2 * matrix(theta)) @ v) ** 2)
+
+    theta = jnp.array([0.7, 1.1])
+    got = jax.grad(krylov)(theta, v)
+    want = jax.grad(dense)(theta, v)
+    assert np.all(np.isfinite(got))
+    assert rel_err(got, want) < 1e-12
+    assert abs(float(got[1])) < 1e-14
+
+
+def test_grad_matches_matfree_at_fixed_dimension():
+    """Same Krylov dimension, plain (uncorrected) approximation, one substep: the
+    gradient equals that of matfree's funm_arnoldi with its own custom adjoint."""
+    k = 12
+    fixed = kx.KrylovExpm(min_krylov_dim=k, max_krylov_dim=k, rtol=1e6, corrected=False)
+
+    def ours(matrix, v):
+        return jnp.sum(jnp.sin(fixed(matrix, v, 1.0)))
+
+    hessenberg = matfree.decomp.hessenberg(k, reortho="full")
+    funm = matfree.funm.funm_arnoldi(matfree.funm.dense_funm_pade_exp(), hessenberg)
+
+    def theirs(matrix, v):
+        return jnp.sum(jnp.sin(funm(lambda x, m: m @ x, v, matrix)))
+
+    a = 3 * A  # far from converged at k = 12, so the comparison is sharp
+    assert rel_err(ours(a, V), theirs(a, V)) < 1e-11
+    got = jax.grad(ours, argnums=(0, 1))(a, V)
+    want = jax.grad(theirs, argnums=(0, 1))(a, V)
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < 1e-9
+
+
+def test_forward_mode_with_direct_adjoint():
+    def krylov(s):
+        return kx.expmv(s * A, V, 0.9, adjoint=kx.DirectAdjoint(), rtol=1e-12)
+
+    def dense(s):
+        return jsl.expm(0.9 * s * A) @ V
+
+    _, tangent = jax.jvp(krylov, (1.2,), (1.0,))
+    _, want = jax.jvp(dense, (1.2,), (1.0,))
+    assert rel_err(tangent, want) < 1e-9
+    jac = jax.jacfwd(lambda v: kx.expmv(A, v, 0.5, adjoint=kx.DirectAdjoint(), rtol=1e-12))(V)
+    assert rel_err(jac, jsl.expm(0.5 * A)) < 1e-9
+
+
+def test_forward_mode_with_custom_adjoint_names_the_option():
+    with pytest.raises(TypeError, match="DirectAdjoint"):
+        jax.jvp(lambda s: kx.expmv(s * A, V, 0.9), (1.0,), (1.0,))
+
+
+def test_vmap_of_grad_and_float32():
+    scales = jnp.array([0.5, 1.0])
+    got = jax.vmap(jax.grad(lambda s: jnp.sum(kx.expmv(s * A, V, 1.0, rtol=1e-12) ** 2)))(
+        scales
+    )
+    want = jax.vmap(jax.grad(lambda s: jnp.sum((jsl.expm(s * A) @ V) ** 2)))(scales)
+    assert rel_err(got, want) < 1e-9
+    a32, v32 = A.astype(jnp.float32), V.astype(jnp.float32)
+    g32 = jax.grad(lambda m: jnp.sum(kx.expmv(m, v32, 1.0) ** 2))(a32)
+    want32 = jax.grad(lambda m: jnp.sum((jsl.expm(m) @ V) ** 2))(A)
+    assert g32.dtype == jnp.float32
+    assert rel_err(g32, want32) < 1e-4
+
+
+def test_module_config_is_jittable():
+    solver = kx.KrylovExpm(rtol=1e-10)
+    f = eqx.filter_jit(lambda s, m, v: s(m, v, 0.3))
+    np.testing.assert_allclose(f(solver, A, V), jsl.expm(0.3 * A) @ V, rtol=1e-9)
