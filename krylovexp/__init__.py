@@ -4,9 +4,9 @@ exponential integrators for JAX."""
 from ._expm import (
     AbstractKrylovAdjoint as AbstractKrylovAdjoint,
     DirectAdjoint as DirectAdjoint,
-    expmv as expmv,
     KrylovAdjoint as KrylovAdjoint,
     KrylovExpm as KrylovExpm,
+    expmv as expmv,
     phimv as phimv,
 )
 from ._linear_operator import ExpmLinearOperator as ExpmLinearOperator

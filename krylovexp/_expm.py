@@ -137,10 +137,13 @@ class KrylovExpm(eqx.Module):
                 f"`min_krylov_dim` must be at least 1, got {self.min_krylov_dim}."
             )
         if self.max_substeps < 1:
-            raise ValueError(f"`max_substeps` must be at least 1, got {self.max_substeps}.")
+            raise ValueError(
+                f"`max_substeps` must be at least 1, got {self.max_substeps}."
+            )
         if not isinstance(self.adjoint, AbstractKrylovAdjoint):
             raise ValueError(
-                "`adjoint` must be krylovexp.KrylovAdjoint() or krylovexp.DirectAdjoint()."
+                "`adjoint` must be krylovexp.KrylovAdjoint() or "
+                "krylovexp.DirectAdjoint()."
             )
 
     def __call__(
@@ -230,7 +233,9 @@ class KrylovExpm(eqx.Module):
                 "`t` must be real; for exp(i t H) pass the operator `1j * H` instead."
             )
         if t.ndim > 1:
-            raise ValueError(f"`t` must be a scalar or a 1-D array, got shape {t.shape}.")
+            raise ValueError(
+                f"`t` must be a scalar or a 1-D array, got shape {t.shape}."
+            )
         if t.ndim == 1 and t.shape[0] == 0:
             raise ValueError("`t` must not be an empty array.")
         times = jnp.atleast_1d(t).astype(real_dtype)
@@ -278,7 +283,9 @@ class KrylovExpm(eqx.Module):
                 )
         min_dim = min(self.min_krylov_dim, max_dim)
         if method == "lanczos":
-            orth = arnoldi.Orthogonalisation(window=2, head=augmented + 1 if augmented else 0)
+            orth = arnoldi.Orthogonalisation(
+                window=2, head=augmented + 1 if augmented else 0
+            )
         else:
             orth = arnoldi.FULL
         double = real_dtype == jnp.float64
@@ -474,9 +481,7 @@ def _loop(params, vector, times, system, config: _Config, record: bool):
         remaining = target - c.time
         sub = _substep(system, params, c.w, c.tau_try, remaining, tol_per_time, config)
         w_new = sub.value
-        outputs = jnp.where(
-            sub.ends, c.outputs.at[c.segment].set(w_new), c.outputs
-        )
+        outputs = jnp.where(sub.ends, c.outputs.at[c.segment].set(w_new), c.outputs)
         if record:
             starts, taus, segments, ends = c.record
             rec = (
@@ -504,11 +509,11 @@ def _loop(params, vector, times, system, config: _Config, record: bool):
 
     final = _while(cond, body, init, config.max_substeps, config.direct)
     result = RESULTS.where(
-        ~monotone,
-        RESULTS.nonmonotone_times,
+        ~finite,
+        RESULTS.nonfinite_input,
         RESULTS.where(
-            ~finite,
-            RESULTS.nonfinite_input,
+            ~monotone,
+            RESULTS.nonmonotone_times,
             RESULTS.where(
                 final.segment < num_times,
                 RESULTS.max_substeps_reached,
@@ -608,7 +613,9 @@ def _evaluate_bwd(residuals, grad_obj, perturbed, primals, system, config):
 def _evaluate(primals, system, config: _Config):
     if config.direct:
         params, vector, times = primals
-        final, result, stats = _loop(params, vector, times, system, config, record=False)
+        final, result, stats = _loop(
+            params, vector, times, system, config, record=False
+        )
         return final.outputs, result, stats
     return _evaluate_custom(primals, system, config)
 
@@ -635,7 +642,8 @@ def expmv(
 
     **Returns:**
 
-    `exp(tA) v` with the structure and dtype of `vector` (leading time axis for 1-D `t`).
+    `exp(tA) v` with the structure and dtype of `vector` (with a leading time axis
+    for 1-D `t`).
 
     ```python
     import jax.numpy as jnp, lineax as lx, krylovexp as kx

@@ -282,18 +282,26 @@ def _safe_inverse(h):
 # Solvers.
 
 
+def _budget_ok(result) -> Bool[Array, ""]:
+    """False when the Krylov evaluation ran out of substeps or could not meet its
+    tolerance (as opposed to meeting non-finite numbers)."""
+    return (result != KRYLOV_RESULTS.max_substeps_reached) & (
+        result != KRYLOV_RESULTS.tolerance_not_met
+    )
+
+
 class _Tracker:
-    """Collects the Krylov results and matvec counts of one step."""
+    """Collects the Krylov result flags and matvec counts of one step."""
 
     def __init__(self):
         self.ok = []
-        self.finite_input = []
+        self.budget_ok = []
         self.matvecs = []
 
-    def add(self, sol, extra_matvecs=0):
+    def add(self, sol):
         self.ok.append(sol.result == KRYLOV_RESULTS.successful)
-        self.finite_input.append(sol.result != KRYLOV_RESULTS.nonfinite_input)
-        self.matvecs.append(sol.stats["num_matvecs"] + extra_matvecs)
+        self.budget_ok.append(_budget_ok(sol.result))
+        self.matvecs.append(sol.stats["num_matvecs"])
         return sol.value
 
     def count(self, n):
@@ -308,32 +316,36 @@ class _Tracker:
         """
 
         def body(carry, i):
-            aux, ok, matvecs = carry
+            aux, ok, budget_ok, matvecs = carry
             sol = krylov.phimv(operator, vectors_fn(i, aux), times_fn(i))
             ok = ok & (sol.result == KRYLOV_RESULTS.successful)
+            budget_ok = budget_ok & _budget_ok(sol.result)
             matvecs = matvecs + sol.stats["num_matvecs"].astype(matvecs.dtype)
             aux = update_fn(i, sol.value, aux)
-            return (aux, ok, matvecs), None
+            return (aux, ok, budget_ok, matvecs), None
 
-        init = (aux, jnp.array(True), jnp.array(0, dtype=jnp.int32))
-        (aux, ok, matvecs), _ = lax.scan(body, init, jnp.arange(num))
+        init = (aux, jnp.array(True), jnp.array(True), jnp.array(0, dtype=jnp.int32))
+        (aux, ok, budget_ok, matvecs), _ = lax.scan(body, init, jnp.arange(num))
         self.ok.append(ok)
+        self.budget_ok.append(budget_ok)
         self.matvecs.append(matvecs)
         return aux
 
     def finish(self, y1, y_error, dense_ys, state):
-        krylov_ok = jnp.all(jnp.stack(self.ok)) if self.ok else jnp.array(True)
+        krylov_ok = jnp.all(jnp.stack(self.ok))
+        budget_ok = jnp.all(jnp.stack(self.budget_ok))
         finite = _all_finite(y1) & _all_finite(dense_ys)
         if y_error is not None:
             finite = finite & _all_finite(y_error)
+        # A Krylov evaluation that ran out of substeps returns NaN: report the cause.
         result = diffrax.RESULTS.where(
-            finite,
+            budget_ok,
             diffrax.RESULTS.where(
-                krylov_ok,
+                finite & krylov_ok,
                 diffrax.RESULTS.successful,
-                diffrax.RESULTS.nonlinear_max_steps_reached,
+                diffrax.RESULTS.nonfinite,
             ),
-            diffrax.RESULTS.nonfinite,
+            diffrax.RESULTS.nonlinear_max_steps_reached,
         )
         if y_error is not None:
             ok = krylov_ok & finite

@@ -119,9 +119,11 @@ def _(operator):
 @lx.is_positive_semidefinite.register(ExpmLinearOperator)
 def _(operator):
     # exp(tA) of a Hermitian A is Hermitian positive definite.
-    return lx.is_symmetric(operator.operator) or lx.is_positive_semidefinite(
-        operator.operator
-    ) or lx.is_negative_semidefinite(operator.operator)
+    return (
+        lx.is_symmetric(operator.operator)
+        or lx.is_positive_semidefinite(operator.operator)
+        or lx.is_negative_semidefinite(operator.operator)
+    )
 
 
 @lx.is_negative_semidefinite.register(ExpmLinearOperator)

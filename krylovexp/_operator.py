@@ -97,7 +97,9 @@ def flatten(operator: lx.AbstractLinearOperator) -> tuple[Any, FlatSystem]:
     """Split a (linearised) operator into its arrays and a flat matvec."""
     operator = lx.linearise(operator)
     params, static = eqx.partition(operator, eqx.is_inexact_array)
-    example = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), operator.in_structure())
+    example = jtu.tree_map(
+        lambda s: jnp.zeros(s.shape, s.dtype), operator.in_structure()
+    )
     _, unravel = ravel_pytree(example)
     return params, FlatSystem(static, unravel)
 

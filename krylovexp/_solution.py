@@ -16,7 +16,9 @@ class RESULTS(eqx.Enumeration):
         "A substep could not meet the requested tolerance even after shrinking its "
         "step size repeatedly; the result may be inaccurate."
     )
-    nonfinite_input = "The vector, the operator's parameters or the times contain NaN or inf."
+    nonfinite_input = (
+        "The vector, the operator's parameters or the times contain NaN or inf."
+    )
     nonfinite_output = (
         "The result is not finite: the operator's exponential overflows for this t, "
         "or the operator produces NaN/inf."

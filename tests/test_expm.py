@@ -89,8 +89,10 @@ def test_pytree_function_operator():
         u, w = x["u"], x["w"]
         return {"u": a @ u + c @ w.reshape(-1), "w": (b @ w.reshape(-1)).reshape(2, 3)}
 
-    structure = {"u": jax.ShapeDtypeStruct((10,), jnp.float64),
-                 "w": jax.ShapeDtypeStruct((2, 3), jnp.float64)}
+    structure = {
+        "u": jax.ShapeDtypeStruct((10,), jnp.float64),
+        "w": jax.ShapeDtypeStruct((2, 3), jnp.float64),
+    }
     op = lx.FunctionLinearOperator(fn, structure)
     x = {"u": jnp.asarray(V[:10]), "w": jnp.asarray(V[10:16]).reshape(2, 3)}
     out = kx.expmv(op, x, 0.7)
@@ -117,7 +119,9 @@ def test_jacobian_diagonal_and_composed_operators():
 @pytest.mark.parametrize("p", [0, 1, 2, 3, 4])
 def test_phimv_against_augmented_identity(p):
     vectors = tuple(jnp.asarray(RNG.standard_normal(N)) for _ in range(p + 1))
-    sol = phimv_solution(kx.KrylovExpm(rtol=1e-10), jnp.asarray(NONNORMAL), vectors, 0.8)
+    sol = phimv_solution(
+        kx.KrylovExpm(rtol=1e-10), jnp.asarray(NONNORMAL), vectors, 0.8
+    )
     ref = phi_ref(NONNORMAL, vectors, 0.8)
     assert rel_err(sol.value, ref) < 1e-9
 
@@ -156,7 +160,9 @@ def test_stiff_nonnormal_meets_tolerance():
     matrix = convection_diffusion_1d(n, velocity=100.0)
     t = 2e3 / np.linalg.norm(matrix, 2)
     u0 = np.sin(np.pi * np.linspace(0, 1, n)) + 0.1
-    sol = expmv_solution(kx.KrylovExpm(rtol=1e-8), jnp.asarray(matrix), jnp.asarray(u0), t)
+    sol = expmv_solution(
+        kx.KrylovExpm(rtol=1e-8), jnp.asarray(matrix), jnp.asarray(u0), t
+    )
     ref = expm_ref(matrix, u0, t)
     assert np.linalg.norm(np.asarray(sol.value) - ref) / np.linalg.norm(u0) <= 1e-8
     assert int(sol.stats["num_substeps"]) > 1
@@ -167,7 +173,9 @@ def test_zero_negative_and_grid_times():
     np.testing.assert_allclose(kx.expmv(a, V, 0.0), V, rtol=0, atol=1e-14)
     assert rel_err(kx.expmv(a, V, -0.3), expm_ref(NONNORMAL, V, -0.3)) < 1e-8
     for times in ([0.0, 0.1, 0.1, 0.5, 2.0], [-0.05, -0.2]):
-        out = expmv_solution(kx.KrylovExpm(), a, jnp.asarray(V), jnp.asarray(times)).value
+        out = expmv_solution(
+            kx.KrylovExpm(), a, jnp.asarray(V), jnp.asarray(times)
+        ).value
         assert out.shape == (len(times), N)
         for i, t in enumerate(times):
             assert rel_err(out[i], expm_ref(NONNORMAL, V, t)) < 1e-8
@@ -214,11 +222,15 @@ def test_vmap_over_vectors_times_and_parameters():
 def test_solution_stats_and_corrected_flag():
     a = jnp.asarray(NONNORMAL)
     corrected = expmv_solution(kx.KrylovExpm(rtol=1e-6), a, jnp.asarray(V), 1.0)
-    plain = expmv_solution(kx.KrylovExpm(rtol=1e-6, corrected=False), a, jnp.asarray(V), 1.0)
+    plain = expmv_solution(
+        kx.KrylovExpm(rtol=1e-6, corrected=False), a, jnp.asarray(V), 1.0
+    )
     ref = expm_ref(NONNORMAL, V, 1.0)
     err_plain = np.linalg.norm(np.asarray(plain.value) - ref)
     err_corrected = np.linalg.norm(np.asarray(corrected.value) - ref)
     # the estimate bounds the plain error (to a safety factor), the correction helps
     assert err_plain <= 3 * float(plain.stats["error_estimate"])
     assert err_corrected < err_plain
-    assert int(corrected.stats["num_matvecs"]) == int(np.sum(corrected.stats["krylov_dims"]))
+    assert int(corrected.stats["num_matvecs"]) == int(
+        np.sum(corrected.stats["krylov_dims"])
+    )
