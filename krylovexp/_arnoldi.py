@@ -40,21 +40,23 @@ class Orthogonalisation(NamedTuple):
 FULL = Orthogonalisation(window=None)
 
 
-def size_buckets(size: int) -> tuple[int, ...]:
+def size_buckets(size: int, ratio: float = 4.0) -> tuple[int, ...]:
     """Static block sizes used to keep per-step work proportional to the dimension
-    reached rather than to the buffer size."""
+    reached rather than to the buffer size (more buckets: less work, longer compile)."""
     buckets = []
     b = 16
-    while 1.5 * b < size:
+    while 1.25 * b < size:
         buckets.append(b)
-        b *= 4
+        b = int(b * ratio)
     buckets.append(size)
     return tuple(buckets)
 
 
-def bucket_switch(needed: jax.Array, size: int, make_branch, *operands):
+def bucket_switch(
+    needed: jax.Array, size: int, make_branch, *operands, ratio: float = 4.0
+):
     """Run `make_branch(b)(*operands)` for the smallest static bucket `b >= needed`."""
-    buckets = size_buckets(size)
+    buckets = size_buckets(size, ratio)
     if len(buckets) == 1:
         return make_branch(buckets[0])(*operands)
     index = jnp.searchsorted(jnp.asarray(buckets), needed, side="left")
@@ -263,13 +265,16 @@ def reverse_sweep(
 
 def check_schedule(min_dim: int, max_dim: int) -> np.ndarray:
     """Dimensions at which the a-posteriori error estimate is evaluated while the
-    basis grows: every step up to 8, then ever sparser, always at the maximum."""
-    points = set(range(1, 9))
-    points |= set(range(12, 33, 4)) | set(range(40, 65, 8))
-    points |= set(range(80, max_dim + 1, 16))
+    basis grows: a geometric sequence (ratio about 1.25), so the checks cost little
+    next to the matvecs and at most a quarter more vectors are built than needed."""
+    points, k = set(), 1
+    while k <= max_dim:
+        points.add(k)
+        k = max(k + 1, int(round(k * 1.25)))
     mask = np.zeros(max_dim + 1, dtype=bool)
     for p in points:
-        if min_dim <= p <= max_dim:
+        if p >= min_dim:
             mask[p] = True
     mask[max_dim] = True
+    mask[min(max(min_dim, 1), max_dim)] = True
     return mask

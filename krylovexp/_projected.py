@@ -93,7 +93,8 @@ def exp_coefficients(hessenberg: jax.Array, dim: jax.Array, tau: jax.Array):
 
         return first_column
 
-    return bucket_switch(dim + 1, m1, branch, extended)
+    # Small exponentials cost O(b^3): finer buckets than for the O(n b) projections.
+    return bucket_switch(dim + 1, m1, branch, extended, ratio=1.5)
 
 
 def error_estimate(decomp: Decomposition, coeffs: jax.Array, dim: jax.Array):
