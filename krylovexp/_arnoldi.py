@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
-import numpy as np
 
 
 Matvec = Callable[[Any, jax.Array], jax.Array]
@@ -261,20 +260,3 @@ def reverse_sweep(
     _, start_vjp = jax.vjp(first_vector, vector)
     (vector_bar,) = start_vjp((basis_bar[0], beta_bar))
     return vector_bar, params_bar
-
-
-def check_schedule(min_dim: int, max_dim: int) -> np.ndarray:
-    """Dimensions at which the a-posteriori error estimate is evaluated while the
-    basis grows: a geometric sequence (ratio about 1.25), so the checks cost little
-    next to the matvecs and at most a quarter more vectors are built than needed."""
-    points, k = set(), 1
-    while k <= max_dim:
-        points.add(k)
-        k = max(k + 1, int(round(k * 1.25)))
-    mask = np.zeros(max_dim + 1, dtype=bool)
-    for p in points:
-        if p >= min_dim:
-            mask[p] = True
-    mask[max_dim] = True
-    mask[min(max(min_dim, 1), max_dim)] = True
-    return mask
