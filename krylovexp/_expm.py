@@ -463,7 +463,7 @@ class _Carry(NamedTuple):
     dims: Array
     error: Array
     failed: Array
-    record: Any  # (starts, taus, segments, ends) or None
+    record: Any  # (starts, taus, segments, ends, last decomposition) or None
 
 
 def _loop(params, vector, times, system, config: _Config, record: bool):
@@ -489,6 +489,7 @@ def _loop(params, vector, times, system, config: _Config, record: bool):
             jnp.zeros(config.max_substeps, real),
             jnp.zeros(config.max_substeps, jnp.int32),
             jnp.zeros(config.max_substeps, bool),
+            arnoldi.start(vector, config.max_dim),
         )
     else:
         rec = None
@@ -519,12 +520,13 @@ def _loop(params, vector, times, system, config: _Config, record: bool):
         w_new = sub.value
         outputs = jnp.where(sub.ends, c.outputs.at[c.segment].set(w_new), c.outputs)
         if record:
-            starts, taus, segments, ends = c.record
+            starts, taus, segments, ends, _ = c.record
             rec = (
                 starts.at[c.num_substeps].set(c.w),
                 taus.at[c.num_substeps].set(lax.stop_gradient(sub.tau)),
                 segments.at[c.num_substeps].set(c.segment),
                 ends.at[c.num_substeps].set(sub.ends),
+                sub.decomp,
             )
         else:
             rec = None
@@ -595,7 +597,7 @@ def _evaluate_fwd(perturbed, primals, system, config):
 @_evaluate_custom.def_bwd
 def _evaluate_bwd(residuals, grad_obj, perturbed, primals, system, config):
     params, vector, times = primals
-    (starts, taus, segments, ends), dims, num_substeps = residuals
+    (starts, taus, segments, ends, last), dims, num_substeps = residuals
     outputs_bar = grad_obj[0]
     if outputs_bar is None:
         outputs_bar = jnp.zeros((times.shape[0], vector.shape[0]), vector.dtype)
@@ -609,8 +611,14 @@ def _evaluate_bwd(residuals, grad_obj, perturbed, primals, system, config):
         seg = segments[s]
         w_bar = w_bar + jnp.where(ends[s], outputs_bar[seg], 0)
         dim = dims[s]
-        decomp = arnoldi.build(
-            system.matvec, params, starts[s], dim, config.max_dim, config.orth
+        # The last substep's basis is kept from the forward pass; earlier ones are
+        # rebuilt from their start vectors (memory O(n max_krylov_dim)).
+        decomp = lax.cond(
+            k == 0,
+            lambda: last,
+            lambda: arnoldi.build(
+                system.matvec, params, starts[s], dim, config.max_dim, config.orth
+            ),
         )
 
         def substep_value(basis, hessenberg, beta, tau):

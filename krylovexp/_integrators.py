@@ -480,8 +480,8 @@ class ExponentialEuler(AbstractExponentialSolver):
     `y1 = exp(hL) y0 + h phi_1(hL) N(t0, y0)`.
 
     **Order:** 1 (also in the stiff sense: the error constants do not depend on `‖L‖`).
-    **Error estimator:** none; use a fixed step, or wrap in `diffrax.HalfSolver` for
-    adaptive steps.
+    **Error estimator:** none; use fixed steps (for adaptive steps use
+    [`krylovexp.Exprb32`][] or [`krylovexp.Exprb43`][]).
     **Term structure:** `MultiTerm(LinearTerm(L), ODETerm(N))`.
     **Cost per step:** one N evaluation, one `phimv` with `(b_0, b_1)`.
 
@@ -517,7 +517,7 @@ class ETDRK2(AbstractExponentialSolver):
     `y1 = a + h phi_2(hL) (N(t0 + h, a) - N(t0, y0))`.
 
     **Order:** 2 (stiff order 2).
-    **Error estimator:** none; use a fixed step, or wrap in `diffrax.HalfSolver`.
+    **Error estimator:** none; use fixed steps.
     **Term structure:** `MultiTerm(LinearTerm(L), ODETerm(N))`.
     **Cost per step:** two N evaluations, two `phimv` sweeps.
 
@@ -590,7 +590,7 @@ class ETDRK4(AbstractExponentialSolver):
     both reach 4.
 
     **Order:** 4 (stiff order 3 in the worst case).
-    **Error estimator:** none; use a fixed step, or wrap in `diffrax.HalfSolver`.
+    **Error estimator:** none; use fixed steps.
     **Term structure:** `MultiTerm(LinearTerm(L), ODETerm(N))`.
     **Cost per step:** four N evaluations, four `phimv` sweeps.
 
