@@ -43,10 +43,34 @@ class KrylovAdjoint(AbstractKrylovAdjoint):
 
     Only the substep boundaries are stored; each substep's Krylov basis is rebuilt on
     the backward pass and swept in reverse, one VJP of the matvec per Krylov step.
-    Peak memory is O(n (max_krylov_dim + substeps)); the gradient is that of the
-    computed approximation. The step sizes chosen by the controller are constants.
-    Reverse mode only: for `jax.jvp`/`jax.jacfwd` use [`krylovexp.DirectAdjoint`][].
+    Peak memory is O(n (max_krylov_dim + substeps)). The step sizes chosen by the
+    controller are constants. Reverse mode only: for `jax.jvp`/`jax.jacfwd` use
+    [`krylovexp.DirectAdjoint`][].
+
+    **Arguments:**
+
+    - `vector_cotangent`: how the cotangent of the start vector of each substep is
+        formed. `"transpose"` (default): as the exact adjoint `exp(τAᵀ) w̄`, by an
+        adaptive Krylov evaluation with the transposed matvec, accurate to the
+        tolerance. `"approximation"`: as the derivative of the computed Krylov
+        approximation, like the parameter cotangent. The latter is exactly the
+        derivative of what the forward pass computed, but for stiff operators it is
+        inaccurate: a Krylov polynomial built for a smooth `v` does not damp rough
+        directions as `exp(τA)` does, so `∇v` can be wrong by O(1) even when the value
+        meets its tolerance. Parameter and time cotangents are always the derivative
+        of the computed approximation (Krämer et al.), which is accurate.
     """
+
+    vector_cotangent: Literal["transpose", "approximation"] = eqx.field(
+        default="transpose", static=True
+    )
+
+    def __check_init__(self):
+        if self.vector_cotangent not in ("transpose", "approximation"):
+            raise ValueError(
+                "`vector_cotangent` must be 'transpose' or 'approximation', got "
+                f"{self.vector_cotangent!r}."
+            )
 
 
 class DirectAdjoint(AbstractKrylovAdjoint):
@@ -68,6 +92,7 @@ class _Config(NamedTuple):
     orth: arnoldi.Orthogonalisation
     direct: bool
     corrected: bool
+    transpose_cotangent: bool
 
 
 class KrylovExpm(eqx.Module):
@@ -299,6 +324,8 @@ class KrylovExpm(eqx.Module):
             atol=float(atol),
             orth=orth,
             direct=isinstance(self.adjoint, DirectAdjoint),
+            transpose_cotangent=isinstance(self.adjoint, KrylovAdjoint)
+            and self.adjoint.vector_cotangent == "transpose",
             corrected=self.corrected,
         )
 
@@ -632,7 +659,7 @@ def _evaluate_bwd(residuals, grad_obj, perturbed, primals, system, config):
         times_bar = times_bar.at[jnp.maximum(seg - 1, 0)].add(
             jnp.where(seg > 0, -tau_bar, 0)
         )
-        w_bar, params_bar = arnoldi.reverse_sweep(
+        start_bar, params_bar = arnoldi.reverse_sweep(
             system.matvec,
             params,
             decomp,
@@ -643,7 +670,11 @@ def _evaluate_bwd(residuals, grad_obj, perturbed, primals, system, config):
             beta_bar,
             params_bar,
         )
-        return w_bar, params_bar, times_bar
+        if config.transpose_cotangent:
+            # w_{s+1} = exp(tau A) w_s, so the exact cotangent of w_s is
+            # exp(tau A^T) applied to that of w_{s+1}.
+            start_bar = _transposed_expmv(system, params, w_bar, taus[s], config)
+        return start_bar, params_bar, times_bar
 
     w_bar, params_bar, times_bar = lax.fori_loop(
         0, num_substeps, body, (w_bar, params_bar, times_bar)
@@ -652,6 +683,26 @@ def _evaluate_bwd(residuals, grad_obj, perturbed, primals, system, config):
     return jtu.tree_map(
         lambda g, p: g if p else None, grads, perturbed, is_leaf=lambda x: x is None
     )
+
+
+class _TransposedSystem(eqx.Module):
+    """`y ↦ Aᵀ y` (JAX's transpose, matching its cotangent convention) of a system."""
+
+    system: Any
+
+    def matvec(self, params, y):
+        _, vjp = jax.vjp(lambda x: self.system.matvec(params, x), jnp.zeros_like(y))
+        return vjp(y)[0]
+
+
+def _transposed_expmv(system, params, vector, tau, config: _Config):
+    """`exp(tau Aᵀ) vector` by the same adaptive loop, for the backward pass."""
+    orth = config.orth if config.orth.head == 0 else arnoldi.FULL
+    inner = config._replace(orth=orth, transpose_cotangent=False, direct=False)
+    final, _, _ = _loop(
+        params, vector, jnp.reshape(tau, (1,)), _TransposedSystem(system), inner, False
+    )
+    return final.outputs[0]
 
 
 def _evaluate(primals, system, config: _Config):

@@ -56,13 +56,40 @@ def _loss_loose(matrix, vector, t, adjoint):
 
 
 def test_grad_agrees_with_differentiating_through_the_loop():
-    """The custom adjoint is the exact derivative of the computed approximation."""
+    """The custom adjoint is the exact derivative of the computed approximation (with
+    vector cotangents of that kind too), at a loose tolerance with several substeps."""
     grad = jax.jit(jax.grad(_loss_loose, argnums=(0, 1, 2)), static_argnums=3)
+    exact_derivative = kx.KrylovAdjoint(vector_cotangent="approximation")
     for matrix, vector in ((A, V), (AC, VC)):
-        custom = grad(matrix, vector, 1.5, kx.KrylovAdjoint())
+        custom = grad(matrix, vector, 1.5, exact_derivative)
         direct = grad(matrix, vector, 1.5, kx.DirectAdjoint())
         for a, b in zip(custom, direct, strict=True):
             assert rel_err(a, b) < 1e-11
+        # the default forms the vector cotangent as exp(t A^T) w̄: same up to the
+        # tolerance, same parameter and time cotangents
+        default = grad(matrix, vector, 1.5, kx.KrylovAdjoint())
+        assert rel_err(default[1], direct[1]) < 1e-3
+
+
+def test_vector_cotangent_is_exact_adjoint_for_stiff_operators():
+    """For a stiff operator the derivative of the Krylov approximation with respect to
+    v is wrong (its polynomial does not damp rough directions); the default transposed
+    evaluation gives exp(t A^T) ū to the tolerance."""
+    n = 60
+    lap = jnp.asarray(laplacian_1d(n, (n + 1) ** 2))
+    op = lx.MatrixLinearOperator(lap, lx.symmetric_tag)
+    x = jnp.linspace(0, 1, n)
+    u0 = jnp.exp(-40 * (x - 0.5) ** 2)
+    t = 0.02  # ||tA|| ~ 300
+    exact = 2 * jsl.expm(t * lap).T @ (jsl.expm(t * lap) @ u0)
+
+    def loss(v, adjoint):
+        return jnp.sum(kx.expmv(op, v, t, rtol=1e-10, adjoint=adjoint) ** 2)
+
+    default = jax.grad(loss)(u0, kx.KrylovAdjoint())
+    derivative = jax.grad(loss)(u0, kx.KrylovAdjoint(vector_cotangent="approximation"))
+    assert rel_err(default, exact) < 1e-8
+    assert rel_err(derivative, exact) > 1e-6  # the failure mode the default avoids
 
 
 def test_grad_stiff_substeps_and_lanczos():
@@ -218,7 +245,13 @@ def test_grad_matches_matfree_at_fixed_dimension():
     """Same Krylov dimension, plain (uncorrected) approximation, one substep: the
     gradient equals that of matfree's funm_arnoldi with its own custom adjoint."""
     k = 12
-    fixed = kx.KrylovExpm(min_krylov_dim=k, max_krylov_dim=k, rtol=1e6, corrected=False)
+    fixed = kx.KrylovExpm(
+        min_krylov_dim=k,
+        max_krylov_dim=k,
+        rtol=1e6,
+        corrected=False,
+        adjoint=kx.KrylovAdjoint(vector_cotangent="approximation"),
+    )
 
     def ours(matrix, v):
         return jnp.sum(jnp.sin(fixed(matrix, v, 1.0)))
