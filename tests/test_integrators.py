@@ -87,8 +87,16 @@ ADVECTION = (0.0, 2.0, 1.0)  # skew-symmetric L: well posed in both directions
 TIGHT = kx.KrylovExpm(rtol=1e-12)
 
 
-@eqx.filter_jit
 def fixed_solve(solver, kind, t0, t1, dt, y0, args, max_steps=64):
+    """Constant steps; times are passed as arrays so that one compilation per solver
+    serves every step size and direction."""
+    times = jnp.asarray([t0, t1, dt], dtype=jnp.float64)
+    return _fixed_solve(solver, kind, times, y0, args, max_steps)
+
+
+@eqx.filter_jit
+def _fixed_solve(solver, kind, times, y0, args, max_steps):
+    t0, t1, dt = times
     return diffrax.diffeqsolve(
         make_terms(kind),
         solver,
@@ -284,9 +292,9 @@ def test_forward_mode_with_direct_adjoint():
 
     r = jnp.asarray(0.7)
     _, tangent = jax.jvp(final, (r,), (jnp.ones_like(r),))
-    eps = 1e-6
+    eps = 1e-4
     fd = (final(r + eps) - final(r - eps)) / (2 * eps)
-    assert jnp.allclose(tangent, fd, rtol=1e-5, atol=1e-8)
+    assert rel_err(tangent, fd) < 1e-5
 
     # With the default custom adjoint, forward mode is refused with a clear message.
     def final_default(r):
@@ -301,25 +309,25 @@ def test_forward_mode_with_direct_adjoint():
             adjoint=diffrax.ForwardMode(),
         ).ys
 
-    with pytest.raises(TypeError, match="DirectAdjoint"):
-        jax.eval_shape(lambda r: jax.jvp(final_default, (r,), (r,)), r)
+    with pytest.raises(TypeError, match="custom_vjp|DirectAdjoint"):
+        jax.jit(lambda r: jax.jvp(final_default, (r,), (r,))).lower(r)
 
 
 def test_backsolve_adjoint():
-    def loss(r, adjoint):
+    def loss(y0, adjoint):
         sol = diffrax.diffeqsolve(
             make_terms("semilinear"),
             kx.ExponentialEuler(),
             0.0,
             0.2,
-            0.05,
-            exact(0.0),
-            args=(jnp.asarray(1.0), jnp.asarray(0.0), r),
+            0.01,
+            y0,
+            args=args_of(ADVECTION),
             adjoint=adjoint,
         )
         return jnp.sum(sol.ys[-1] ** 2)
 
-    r = jnp.asarray(0.7)
+    r = exact(0.0)
     # The adjoint system cannot be integrated by a krylovexp solver: clear refusal.
     with pytest.raises(ValueError, match="BacksolveAdjoint") as info:
         jax.eval_shape(jax.grad(loss), r, diffrax.BacksolveAdjoint())
@@ -332,7 +340,7 @@ def test_backsolve_adjoint():
     )
     g_back = jax.grad(loss)(r, backsolve)
     g_discrete = jax.grad(loss)(r, diffrax.RecursiveCheckpointAdjoint())
-    assert jnp.allclose(g_back, g_discrete, rtol=0.1)
+    assert rel_err(g_back, g_discrete) < 0.05
 
 
 # ---------------------------------------------------------------------------------
@@ -410,7 +418,7 @@ def test_failure_result_codes():
     # With a step-size controller such steps are rejected and retried smaller.
     sol = diffrax.diffeqsolve(
         make_terms("semilinear"),
-        kx.Exprb32(krylov=kx.KrylovExpm(rtol=1e-10, max_krylov_dim=8, max_substeps=2)),
+        kx.Exprb32(krylov=kx.KrylovExpm(rtol=1e-10, max_krylov_dim=12, max_substeps=4)),
         0.0,
         0.2,
         0.2,
