@@ -121,11 +121,9 @@ def make_problem(name):
 # Lanczos applies: L and the Jacobians J = L + ∂N/∂u of Allen–Cahn are symmetric (for
 # KS's J the advection part is not, but the phi-function Krylov spaces use incomplete
 # orthogonalisation of the augmented operator, which does not need symmetry to stay
-# accurate; the a-posteriori estimate still controls the error). A small Krylov
-# dimension with more substeps is much faster with the current core (see README).
-KRYLOV = kx.KrylovExpm(
-    method="lanczos", rtol=1e-9, max_krylov_dim=20, max_substeps=2000
-)
+# accurate; the a-posteriori estimate still controls the error). Default Krylov
+# dimension bounds.
+KRYLOV = kx.KrylovExpm(method="lanczos", rtol=1e-9, max_substeps=2000)
 
 # Diffrax's implicit solvers factorise a dense Jacobian (Newton/chord with LU). That is
 # fine for KS (n = 512) but not for Allen–Cahn (16,384² entries): there a matrix-free

@@ -120,7 +120,7 @@ def orthonormalise(
         return project
 
     if orth.window is None:
-        coeffs, w = bucket_switch(j + 1, m1, branch, basis, w0, j)
+        coeffs, w = bucket_switch(j + 1, m1, branch, basis, w0, j, ratio=2.0)
     else:
         coeffs, w = _windowed(basis, w0, j, orth)
     norm0 = safe_norm(w0)
