@@ -99,7 +99,9 @@ def orthonormalise(
     exactly zero on breakdown, so the Krylov space is treated as invariant).
     """
     m1, _ = basis.shape
-    eps = jnp.finfo(w0.dtype).eps
+    if orth.window is not None:
+        rows, index = window_rows(basis, j, orth)
+        return orthonormalise_rows(rows, index, w0, j, orth, m1)
 
     def branch(b):
         def project(basis, w0, j):
@@ -119,43 +121,46 @@ def orthonormalise(
 
         return project
 
-    if orth.window is None:
-        coeffs, w = bucket_switch(j + 1, m1, branch, basis, w0, j, ratio=2.0)
-    else:
-        coeffs, w = _windowed(basis, w0, j, orth)
-    norm0 = safe_norm(w0)
+    coeffs, w = bucket_switch(j + 1, m1, branch, basis, w0, j, ratio=2.0)
+    return _normalise(coeffs, w, w0, j)
+
+
+def _normalise(coeffs, w, w0, j):
+    eps = jnp.finfo(w0.dtype).eps
     h = safe_norm(w)
-    breakdown = h <= 100 * eps * norm0
+    breakdown = h <= 100 * eps * safe_norm(w0)
     h = jnp.where(breakdown, 0, h)
     q_next = safe_normalise(w, h)
-    column = coeffs.at[jnp.minimum(j + 1, m1 - 1)].add(h.astype(coeffs.dtype))
+    last = coeffs.shape[0] - 1
+    column = coeffs.at[jnp.minimum(j + 1, last)].add(h.astype(coeffs.dtype))
     return q_next, column
 
 
-def _windowed(basis, w0, j, orth: Orthogonalisation):
-    """Incomplete orthogonalisation: a trailing window plus a fixed head, with
-    dynamic slices so a step costs O(n (window + head))."""
+def window_rows(basis, j, orth: Orthogonalisation):
+    """The rows an incomplete step reads: the head, then a trailing window (a dynamic
+    slice, so a step costs O(n (window + head))). Returns them and their indices."""
     m1, _ = basis.shape
     window = min(orth.window, m1)
     head = min(orth.head, m1)
     start = jnp.clip(j - window + 1, 0, m1 - window)
-    win_rows = start + jnp.arange(window)
-    win_basis = lax.dynamic_slice_in_dim(basis, start, window)
-    win_mask = (win_rows <= j) & (win_rows >= head)
-    head_rows = jnp.arange(head)
-    head_mask = head_rows <= j
+    index = jnp.concatenate([jnp.arange(head), start + jnp.arange(window)])
+    window_part = lax.dynamic_slice_in_dim(basis, start, window)
+    return jnp.concatenate([basis[:head], window_part]), index
 
-    def project(w):
-        c_head, w = _project_out(basis[:head], head_mask, w)
-        c_win, w = _project_out(win_basis, win_mask, w)
-        return c_head, c_win, w
 
-    ch1, cw1, w = project(w0)
-    ch2, cw2, w = project(w)
-    coeffs = jnp.zeros(m1, w0.dtype)
-    coeffs = coeffs.at[:head].add(ch1 + ch2)
-    coeffs = coeffs.at[win_rows].add(cw1 + cw2)
-    return coeffs, w
+def window_mask(index, j, orth: Orthogonalisation):
+    in_head = jnp.arange(index.shape[0]) < orth.head
+    return (index <= j) & (in_head | (index >= orth.head))
+
+
+def orthonormalise_rows(rows, index, w0, j, orth: Orthogonalisation, m1: int):
+    """Incomplete orthogonalisation (two classical Gram–Schmidt passes) against the
+    given rows, then normalisation; see `orthonormalise`."""
+    mask = window_mask(index, j, orth)
+    c1, w = _project_out(rows, mask, w0)
+    c2, w = _project_out(rows, mask, w)
+    coeffs = jnp.zeros(m1, w0.dtype).at[index].add(jnp.where(mask, c1 + c2, 0))
+    return _normalise(coeffs, w, w0, j)
 
 
 class Decomposition(NamedTuple):
@@ -239,11 +244,23 @@ def reverse_sweep(
     def body(k, carry):
         basis_bar, params_bar = carry
         j = dim - 1 - k
-        column = jnp.where(rows <= j + 1, hessenberg[:, j], 0)
-        w0 = column @ basis
-        _, orth_vjp = jax.vjp(lambda b, w: orthonormalise(b, w, j, orth), basis, w0)
-        b_bar, w0_bar = orth_vjp((basis_bar[j + 1], hessenberg_bar[:, j]))
-        basis_bar = basis_bar + b_bar
+        outputs_bar = (basis_bar[j + 1], hessenberg_bar[:, j])
+        if orth.window is None:
+            column = jnp.where(rows <= j + 1, hessenberg[:, j], 0)
+            w0 = column @ basis
+            _, orth_vjp = jax.vjp(lambda b, w: orthonormalise(b, w, j, orth), basis, w0)
+            b_bar, w0_bar = orth_vjp(outputs_bar)
+            basis_bar = basis_bar + b_bar
+        else:
+            # Only the rows the step read get a cotangent: O(n) per Lanczos step.
+            used, index = window_rows(basis, j, orth)
+            coeffs = jnp.where(window_mask(index, j, orth), hessenberg[index, j], 0)
+            w0 = coeffs @ used + hessenberg[j + 1, j] * basis[j + 1]
+            _, orth_vjp = jax.vjp(
+                lambda r, w: orthonormalise_rows(r, index, w, j, orth, m1), used, w0
+            )
+            used_bar, w0_bar = orth_vjp(outputs_bar)
+            basis_bar = basis_bar.at[index].add(used_bar)
         _, mv_vjp = jax.vjp(matvec, params, basis[j])
         p_bar, q_bar = mv_vjp(w0_bar)
         basis_bar = basis_bar.at[j].add(q_bar)
