@@ -1,0 +1,110 @@
+"""Each example's `main` at a tiny size: the loss decreases and the recovered
+parameters move toward the truth (so the examples cannot rot)."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_wave_inverse(tmp_path):
+    wave = _load("wave_inverse")
+    out = wave.main(
+        [
+            "--grid=8",
+            "--num-ics=6",
+            "--epochs=12",
+            "--hard-epochs=2",
+            "--lr=2e-2",
+            "--width=8",
+            "--methods=kx-fixed-10,kx-adaptive,matfree-10",
+            f"--out={tmp_path}",
+        ]
+    )
+    assert out["failures"] == []
+    for regime in ("mild", "hard"):
+        problem = out["problems"][regime]
+        for name in ("kx-fixed-10", "kx-adaptive", "matfree-10"):
+            r = out[regime][name]
+            assert np.all(np.isfinite(r["losses"]))
+            assert r["matvecs"] > 0
+            if regime == "mild":
+                # Training makes progress and ω moves toward the truth.
+                assert r["losses"][-1] < 0.7 * r["losses"][0], name
+                assert r["rmse"] < 0.9 * problem["rmse_init"], name
+                assert r["solver_error"] < 1e-8, name
+        # Hard regime: the adaptive solve stays accurate, the fixed ones do not.
+        if regime == "hard":
+            assert out[regime]["kx-adaptive"]["solver_error"] < 1e-8
+            assert out[regime]["kx-fixed-10"]["solver_error"] > 1e-3
+    # Same algorithm, same numbers: krylovexp at fixed depth 10 and matfree.
+    np.testing.assert_allclose(
+        out["mild"]["kx-fixed-10"]["omega"],
+        out["mild"]["matfree-10"]["omega"],
+        rtol=1e-6,
+    )
+    for png in ("omega_mild.png", "omega_hard.png", "loss_curves.png"):
+        assert (tmp_path / png).stat().st_size > 0
+
+
+def test_heat_inverse(tmp_path):
+    heat = _load("heat_inverse")
+    out = heat.main(
+        [
+            "--grid=10",
+            "--sensors=3",
+            "--num-sources=2",
+            "--iters=12",
+            "--methods=krylovexp-lanczos,diffrax-tsit5",
+            f"--out={tmp_path}",
+        ]
+    )
+    assert out["failures"] == []
+    for r in out["results"].values():
+        assert r["losses"][-1] < 0.5 * r["losses"][0], r["name"]
+        assert r["errors"][-1] < 0.9 * r["errors"][0], r["name"]
+    k, t = out["results"]["krylovexp-lanczos"], out["results"]["diffrax-tsit5"]
+    # Both solve the same problem to 1e-6, so the iterates should agree to ~1e-4;
+    # they differ by ~1e-2 because krylovexp's gradient with respect to the
+    # operator is less accurate than its forward tolerance (a known core defect,
+    # see docs/examples/heat_inverse.md). Tighten to 1e-3 once it is fixed.
+    np.testing.assert_allclose(k["theta"], t["theta"], atol=3e-2)
+    assert (tmp_path / "kappa.png").stat().st_size > 0
+
+
+def test_reaction_diffusion_fit(tmp_path):
+    rd = _load("reaction_diffusion_fit")
+    out = rd.main(
+        [
+            "--grid=12",
+            "--iters=6",
+            "--lr=0.1",
+            "--solvers=tsit5,exprb43",
+            f"--out={tmp_path}",
+        ]
+    )
+    assert out["failures"] == []
+    for r in out["results"].values():
+        assert r["losses"][-1] < 0.5 * r["losses"][0], r["name"]
+        assert r["errors"][-1] < 0.8 * r["errors"][0], r["name"]
+    np.testing.assert_allclose(
+        out["results"]["tsit5"]["params"],
+        out["results"]["exprb43"]["params"],
+        rtol=1e-3,
+    )
+    assert (tmp_path / "fit.png").stat().st_size > 0
+
+
+if __name__ == "__main__":
+    pytest.main([__file__, "-q"])
