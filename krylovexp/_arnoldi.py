@@ -76,13 +76,6 @@ def safe_normalise(x: jax.Array, norm: jax.Array) -> jax.Array:
     return jnp.where(positive, x / jnp.where(positive, norm, 1).astype(x.dtype), 0)
 
 
-def _row_mask(rows: jax.Array, j: jax.Array, orth: Orthogonalisation) -> jax.Array:
-    mask = rows <= j
-    if orth.window is not None:
-        mask = mask & ((rows > j - orth.window) | (rows < orth.head))
-    return mask
-
-
 def _project_out(basis_rows: jax.Array, mask: jax.Array, w: jax.Array):
     rows = jnp.where(mask[:, None], basis_rows, 0)
     coeffs = jnp.conj(rows) @ w
@@ -106,7 +99,7 @@ def orthonormalise(
     def branch(b):
         def project(basis, w0, j):
             rows = jnp.arange(b)
-            mask = _row_mask(rows, j, orth)
+            mask = rows <= j
             c1, w1 = _project_out(basis[:b], mask, w0)
             # Second pass only when cancellation was severe (Daniel–Gragg–Kaufman–
             # Stewart criterion); "twice is enough".
