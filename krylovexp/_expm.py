@@ -24,7 +24,15 @@ from ._operator import (
     operator_dtype,
     operator_size,
 )
-from ._projected import approximation, combine, error_estimate, exp_coefficients
+from ._projected import (
+    approximation,
+    coefficient_mask,
+    combine,
+    error_estimate,
+    exp_coefficients,
+    exp_gram,
+    extended_hessenberg,
+)
 from ._solution import RESULTS, Solution
 
 
@@ -37,39 +45,39 @@ class AbstractKrylovAdjoint(eqx.Module):
 
 
 class KrylovAdjoint(AbstractKrylovAdjoint):
-    """The adjoint of the Arnoldi/Lanczos iteration (Krämer, Moreno-Muñoz, Roy &
-    Hauberg, "Gradients of functions of large matrices", NeurIPS 2024), extended to
-    substeps.
-
-    Only the substep boundaries are stored; each substep's Krylov basis is rebuilt on
-    the backward pass and swept in reverse, one VJP of the matvec per Krylov step.
-    Peak memory is O(n (max_krylov_dim + substeps)). The step sizes chosen by the
+    """Reverse mode without differentiating through the loops: only the substep
+    boundaries are stored, each substep's Krylov basis is rebuilt on the backward pass,
+    peak memory is O(n (max_krylov_dim + substeps)), and the step sizes chosen by the
     controller are constants. Reverse mode only: for `jax.jvp`/`jax.jacfwd` use
     [`krylovexp.DirectAdjoint`][].
 
     **Arguments:**
 
-    - `vector_cotangent`: how the cotangent of the start vector of each substep is
-        formed. `"transpose"` (default): as the exact adjoint `exp(τAᵀ) w̄`, by an
-        adaptive Krylov evaluation with the transposed matvec, accurate to the
-        tolerance. `"approximation"`: as the derivative of the computed Krylov
-        approximation, like the parameter cotangent. The latter is exactly the
-        derivative of what the forward pass computed, but for stiff operators it is
-        inaccurate: a Krylov polynomial built for a smooth `v` does not damp rough
-        directions as `exp(τA)` does, so `∇v` can be wrong by O(1) even when the value
-        meets its tolerance. Parameter and time cotangents are always the derivative
-        of the computed approximation (Krämer et al.), which is accurate.
+    - `mode`: what the gradient is the gradient of.
+        - `"solution"` (default): of the exact `exp(τA(θ)) v`, to the tolerance. Per
+          substep, the vector cotangent is `exp(τAᵀ) w̄`, by an adaptive Krylov
+          evaluation with the transposed matvec, and the parameter cotangent is
+          `∫_0^τ ∂θ⟨exp((τ-s)Aᵀ) w̄, A(θ) exp(sA) v⟩ ds`, integrated exactly in the
+          product of the two Krylov spaces (a block exponential, Van Loan 1978) and
+          paid with one batched VJP of the matvec over the forward basis.
+        - `"approximation"`: of the computed Krylov approximation, exactly (to
+          round-off), by the adjoint of the Arnoldi/Lanczos iteration (Krämer,
+          Moreno-Muñoz, Roy & Hauberg, NeurIPS 2024): the steps are swept in reverse,
+          one VJP of the matvec each. For stiff operators this derivative can be
+          wrong by orders of magnitude even when the value meets its tolerance: the
+          Krylov polynomial is accurate on the directions `v` excites, but a
+          parameter or start-vector perturbation excites rough directions on which
+          it does not damp as `exp(τA)` does.
     """
 
-    vector_cotangent: Literal["transpose", "approximation"] = eqx.field(
-        default="transpose", static=True
+    mode: Literal["solution", "approximation"] = eqx.field(
+        default="solution", static=True
     )
 
     def __check_init__(self):
-        if self.vector_cotangent not in ("transpose", "approximation"):
+        if self.mode not in ("solution", "approximation"):
             raise ValueError(
-                "`vector_cotangent` must be 'transpose' or 'approximation', got "
-                f"{self.vector_cotangent!r}."
+                f"`mode` must be 'solution' or 'approximation', got {self.mode!r}."
             )
 
 
@@ -92,7 +100,7 @@ class _Config(NamedTuple):
     orth: arnoldi.Orthogonalisation
     direct: bool
     corrected: bool
-    transpose_cotangent: bool
+    solution_adjoint: bool
 
 
 class KrylovExpm(eqx.Module):
@@ -324,8 +332,8 @@ class KrylovExpm(eqx.Module):
             atol=float(atol),
             orth=orth,
             direct=isinstance(self.adjoint, DirectAdjoint),
-            transpose_cotangent=isinstance(self.adjoint, KrylovAdjoint)
-            and self.adjoint.vector_cotangent == "transpose",
+            solution_adjoint=isinstance(self.adjoint, KrylovAdjoint)
+            and self.adjoint.mode == "solution",
             corrected=self.corrected,
         )
 
@@ -491,9 +499,14 @@ class _Carry(NamedTuple):
     error: Array
     failed: Array
     record: Any  # (starts, taus, segments, ends, last decomposition) or None
+    visited: Any  # accumulator of `visit`, or None
 
 
-def _loop(params, vector, times, system, config: _Config, record: bool):
+def _loop(
+    params, vector, times, system, config: _Config, record: bool, visit=None, acc=None
+):
+    """The adaptive sweep over the output times. `visit(acc, time, substep)`, if
+    given, is called on every substep with its start time and folds into `acc`."""
     num_times = times.shape[0]
     n = vector.shape[0]
     real = times.dtype
@@ -534,6 +547,7 @@ def _loop(params, vector, times, system, config: _Config, record: bool):
         error=jnp.zeros((), real),
         failed=jnp.asarray(False),
         record=rec,
+        visited=acc,
     )
     init = init._replace(tau_try=jnp.where(init.tau_try > 0, init.tau_try, span))
 
@@ -557,6 +571,7 @@ def _loop(params, vector, times, system, config: _Config, record: bool):
             )
         else:
             rec = None
+        visited = None if visit is None else visit(c.visited, c.time, sub)
         return _Carry(
             segment=c.segment + sub.ends.astype(c.segment.dtype),
             time=jnp.where(sub.ends, target, c.time + sub.tau),
@@ -570,6 +585,7 @@ def _loop(params, vector, times, system, config: _Config, record: bool):
             error=c.error + sub.estimate,
             failed=c.failed | ~sub.accepted,
             record=rec,
+            visited=visited,
         )
 
     final = _while(cond, body, init, config.max_substeps, config.direct)
@@ -631,6 +647,7 @@ def _evaluate_bwd(residuals, grad_obj, perturbed, primals, system, config):
     params_bar = jtu.tree_map(jnp.zeros_like, params)
     times_bar = jnp.zeros_like(times)
     w_bar = jnp.zeros_like(vector)
+    want_params = any(jtu.tree_leaves(perturbed[0]))
 
     def body(k, carry):
         w_bar, params_bar, times_bar = carry
@@ -652,28 +669,39 @@ def _evaluate_bwd(residuals, grad_obj, perturbed, primals, system, config):
             decomp = arnoldi.Decomposition(basis, hessenberg, beta)
             return approximation(decomp, dim, tau, config.corrected)
 
-        _, combine_vjp = jax.vjp(substep_value, *decomp, taus[s])
-        basis_bar, hessenberg_bar, beta_bar, tau_bar = combine_vjp(w_bar)
+        if config.solution_adjoint:
+            _, tau_vjp = jax.vjp(lambda tau: substep_value(*decomp, tau), taus[s])
+            (tau_bar,) = tau_vjp(w_bar)
+            start_bar, params_bar = _solution_adjoint(
+                system,
+                params,
+                decomp,
+                dim,
+                taus[s],
+                w_bar,
+                params_bar,
+                config,
+                want_params,
+            )
+        else:
+            _, combine_vjp = jax.vjp(substep_value, *decomp, taus[s])
+            basis_bar, hessenberg_bar, beta_bar, tau_bar = combine_vjp(w_bar)
+            start_bar, params_bar = arnoldi.reverse_sweep(
+                system.matvec,
+                params,
+                decomp,
+                dim,
+                config.orth,
+                basis_bar,
+                hessenberg_bar,
+                beta_bar,
+                params_bar,
+            )
         tau_bar = jnp.where(ends[s], tau_bar, 0)
         times_bar = times_bar.at[seg].add(tau_bar)
         times_bar = times_bar.at[jnp.maximum(seg - 1, 0)].add(
             jnp.where(seg > 0, -tau_bar, 0)
         )
-        start_bar, params_bar = arnoldi.reverse_sweep(
-            system.matvec,
-            params,
-            decomp,
-            dim,
-            config.orth,
-            basis_bar,
-            hessenberg_bar,
-            beta_bar,
-            params_bar,
-        )
-        if config.transpose_cotangent:
-            # w_{s+1} = exp(tau A) w_s, so the exact cotangent of w_s is
-            # exp(tau A^T) applied to that of w_{s+1}.
-            start_bar = _transposed_expmv(system, params, w_bar, taus[s], config)
         return start_bar, params_bar, times_bar
 
     w_bar, params_bar, times_bar = lax.fori_loop(
@@ -695,14 +723,69 @@ class _TransposedSystem(eqx.Module):
         return vjp(y)[0]
 
 
-def _transposed_expmv(system, params, vector, tau, config: _Config):
-    """`exp(tau Aᵀ) vector` by the same adaptive loop, for the backward pass."""
+def _solution_adjoint(
+    system, params, decomp, dim, tau, w_bar, params_bar, config: _Config, want_params
+):
+    """Cotangents of one substep `w ↦ u(tau) = exp(tau A(θ)) w` as the adjoint of the
+    exact solution.
+
+    With `λ(s) = exp((tau - s)Aᵀ) w̄` and `u(s) = exp(sA) w`,
+
+        w̄_start = λ(0),    θ̄ += ∫_0^tau ∂θ⟨λ(s), A(θ) u(s)⟩ ds.
+
+    `λ` comes from an adaptive Krylov sweep of the transposed operator from `w̄`; on
+    each of its substeps `λ(s) = Z z(s)` and `u(s) = Q y(s)` (the forward basis), so
+    the integral is `∂θ Σ_b ⟨c_b, A(θ) q_b⟩` with `c_b = Σ_a G[a, b] z_a` and `G` the
+    exact integral of `z(s) y(s)ᵀ` (`exp_gram`): one batched VJP of the matvec over
+    the forward basis. Both factors are solutions, smooth where the true ones are,
+    so rough parameter directions are damped as they are by `exp(tau A)`.
+    """
     orth = config.orth if config.orth.head == 0 else arnoldi.FULL
-    inner = config._replace(orth=orth, transpose_cotangent=False, direct=False)
+    inner = config._replace(orth=orth, solution_adjoint=False, direct=False)
+    forward = extended_hessenberg(decomp.hessenberg, dim)
+    m1 = forward.shape[0]
+    forward_mask = coefficient_mask(m1, dim, config.corrected)
+
+    def visit(params_bar, time, sub: _Substep):
+        # This adjoint substep covers s from tau - time back to tau - time - sub.tau.
+        near = tau - time - sub.tau
+        y_near = decomp.beta * exp_coefficients(decomp.hessenberg, dim, near)
+        adjoint = extended_hessenberg(sub.decomp.hessenberg, sub.dim)
+        gram = exp_gram(adjoint, sub.dim, forward, dim, y_near, sub.tau)
+        adjoint_mask = coefficient_mask(m1, sub.dim, inner.corrected)
+        gram = jnp.where(adjoint_mask[:, None] & forward_mask[None, :], gram, 0)
+        gram = gram * sub.decomp.beta.astype(gram.dtype)
+
+        def branch(b):
+            def accumulate(params, forward_basis, adjoint_basis, gram):
+                cotangents = gram[:b, :b].T @ adjoint_basis[:b]
+                _, vjp = jax.vjp(
+                    lambda p: jax.vmap(lambda q: system.matvec(p, q))(
+                        forward_basis[:b]
+                    ),
+                    params,
+                )
+                return vjp(cotangents)[0]
+
+            return accumulate
+
+        needed = jnp.maximum(dim, sub.dim) + 1
+        increment = arnoldi.bucket_switch(
+            needed, m1, branch, params, decomp.basis, sub.decomp.basis, gram
+        )
+        return jtu.tree_map(jnp.add, params_bar, increment)
+
     final, _, _ = _loop(
-        params, vector, jnp.reshape(tau, (1,)), _TransposedSystem(system), inner, False
+        params,
+        w_bar,
+        jnp.reshape(tau, (1,)),
+        _TransposedSystem(system),
+        inner,
+        False,
+        visit if want_params else None,
+        params_bar if want_params else None,
     )
-    return final.outputs[0]
+    return final.outputs[0], (final.visited if want_params else params_bar)
 
 
 def _evaluate(primals, system, config: _Config):

@@ -63,16 +63,22 @@ def expm_small(matrix: jax.Array) -> jax.Array:
     return jnp.where(squarings <= _MAX_SQUARINGS, result, jnp.nan)
 
 
+def extended_hessenberg(hessenberg: jax.Array, dim: jax.Array) -> jax.Array:
+    """`H_ext` of Krylov dimension `dim`, zero-padded to `(m + 1) x (m + 1)`."""
+    m1, m = hessenberg.shape
+    rows = jnp.arange(m1)[:, None]
+    cols = jnp.arange(m)[None, :]
+    masked = jnp.where((rows <= dim) & (cols < dim), hessenberg, 0)
+    return jnp.zeros((m1, m1), hessenberg.dtype).at[:, :m].set(masked)
+
+
 def exp_coefficients(hessenberg: jax.Array, dim: jax.Array, tau: jax.Array):
     """First column of `exp(tau H_ext)` for Krylov dimension `dim`, padded to `m + 1`.
 
     Entries past `dim` are zero; entry `dim` is the error-estimate term.
     """
-    m1, m = hessenberg.shape
-    rows = jnp.arange(m1)[:, None]
-    cols = jnp.arange(m)[None, :]
-    masked = jnp.where((rows <= dim) & (cols < dim), hessenberg, 0)
-    extended = jnp.zeros((m1, m1), hessenberg.dtype).at[:, :m].set(masked)
+    m1, _ = hessenberg.shape
+    extended = extended_hessenberg(hessenberg, dim)
     extended = extended * jnp.asarray(tau).astype(hessenberg.dtype)
 
     def branch(b):
@@ -108,3 +114,49 @@ def approximation(
     """The Krylov approximation of `exp(tau A) v` for dimension `dim`."""
     coeffs = exp_coefficients(decomp.hessenberg, dim, tau)
     return combine(decomp, coeffs, dim, corrected)
+
+
+def coefficient_mask(size: int, dim: jax.Array, corrected: bool) -> jax.Array:
+    """Which coefficients of `exp(tau H_ext) e_1` the approximation uses."""
+    rows = jnp.arange(size)
+    return rows <= dim if corrected else rows < dim
+
+
+def exp_gram(
+    adjoint: jax.Array,
+    adjoint_dim: jax.Array,
+    forward: jax.Array,
+    forward_dim: jax.Array,
+    forward_start: jax.Array,
+    tau: jax.Array,
+) -> jax.Array:
+    """`G = ∫_0^tau exp((tau - r) F̃) e_1 y_0^T exp(r F^T) dr` for the extended
+    Hessenberg matrices `F̃ = adjoint` and `F = forward` (dimensions `adjoint_dim`,
+    `forward_dim`; `(m + 1) x (m + 1)`, zero-padded) and the coefficient vector
+    `y_0 = forward_start`.
+
+    `G[a, b]` is the weight of the pair (adjoint basis vector `a`, forward basis vector
+    `b`) in the integral of the product of the two projected solutions. It is the
+    upper right block of the exponential of the block triangular matrix
+    `tau [[F̃, e_1 y_0^T], [0, F^T]]` (Van Loan 1978), computed at the smallest
+    bucket that holds both dimensions. The coupling block is normalised first (G is
+    linear in it), so that it does not inflate the scaling-and-squaring norm.
+    """
+    m1 = forward.shape[0]
+    scale = jnp.max(jnp.abs(forward_start))
+    unit = forward_start / jnp.where(scale > 0, scale, 1).astype(forward_start.dtype)
+    tau = jnp.asarray(tau).astype(forward.dtype)
+
+    def branch(b):
+        def gram(adjoint, forward, unit):
+            zeros = jnp.zeros((b, b), forward.dtype)
+            coupling = zeros.at[0].set(unit[:b])
+            block = jnp.block([[adjoint[:b, :b], coupling], [zeros, forward[:b, :b].T]])
+            corner = expm_small(tau * block)[:b, b:]
+            return jnp.zeros((m1, m1), forward.dtype).at[:b, :b].set(corner)
+
+        return gram
+
+    needed = jnp.maximum(adjoint_dim, forward_dim) + 1
+    gram = bucket_switch(needed, m1, branch, adjoint, forward, unit, ratio=1.5)
+    return gram * scale.astype(gram.dtype)
