@@ -409,19 +409,27 @@ def main():
     start = time.perf_counter()
     for name in args.problems:
         rows += run(
-            make_problem(name), args.solvers, args.repeats, args.grad_repeats,
-            args.rtols, args.steps,
+            make_problem(name),
+            args.solvers,
+            args.repeats,
+            args.grad_repeats,
+            args.rtols,
+            args.steps,
         )
     # Rows accumulate across runs (a partial run replaces only its own rows).
     rows = _merge(os.path.join(args.out, "integrators_rows.json"), rows)
     print("\nAll rows (this and earlier runs):")
-    print("| problem | solver | setting | rel. error | forward [ms] | gradient [ms] | "
-          "steps | work |")
+    print(
+        "| problem | solver | setting | rel. error | forward [ms] | gradient [ms] | "
+        "steps | work |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['problem']} | {r['solver']} | {r['setting']} | {r['error']:.2e} | "
-              f"{1e3 * r['forward']:.0f} | {1e3 * r['grad']:.0f} | {r['steps']} | "
-              f"{r['work']} |")
+        print(
+            f"| {r['problem']} | {r['solver']} | {r['setting']} | {r['error']:.2e} | "
+            f"{1e3 * r['forward']:.0f} | {1e3 * r['grad']:.0f} | {r['steps']} | "
+            f"{r['work']} |"
+        )
     print()
     for line in summary(rows):
         print(line)

@@ -377,8 +377,9 @@ def test_pytree_state_matches_flat_state():
         {"a": y0[:half], "b": y0[half:]},
         args=args,
     )
-    flat = fixed_solve(kx.ExponentialEuler(krylov=TIGHT), "semilinear", 0.0, 0.5,
-                       0.0625, y0, args)
+    flat = fixed_solve(
+        kx.ExponentialEuler(krylov=TIGHT), "semilinear", 0.0, 0.5, 0.0625, y0, args
+    )
     tree_final = jnp.concatenate([sol.ys["a"][-1], sol.ys["b"][-1]])
     assert jnp.allclose(tree_final, flat.ys[-1], rtol=1e-10, atol=1e-12)
     assert rel_err(tree_final, exact(0.5)) < 0.05
@@ -447,13 +448,21 @@ def test_bad_term_structure(solver):
     if not isinstance(solver, (kx.Exprb32, kx.Exprb43)):
         wrong.append(diffrax.ODETerm(full))
     for terms in wrong:
-        with pytest.raises(ValueError, match=r"MultiTerm\(LinearTerm\(\.\.\.\), "
-                           r"ODETerm\(\.\.\.\)\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"MultiTerm\(LinearTerm\(\.\.\.\), "
+            r"ODETerm\(\.\.\.\)\)",
+        ):
             diffrax.diffeqsolve(
                 terms, solver, 0.0, 1.0, 0.1, y0, args=args_of(DIFFUSION)
             )
     with pytest.raises(ValueError, match="LinearTerm"):
         diffrax.diffeqsolve(
-            make_terms("semilinear"), kx.LinearExponential(), 0.0, 1.0, 0.1, y0,
+            make_terms("semilinear"),
+            kx.LinearExponential(),
+            0.0,
+            1.0,
+            0.1,
+            y0,
             args=args_of(DIFFUSION),
         )
