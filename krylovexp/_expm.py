@@ -412,23 +412,31 @@ def _substep(system, params, w, tau_try, remaining, tol_per_time, config: _Confi
     def grow_cond(state):
         return ~state[2]
 
-    def grow_body(state):
-        decomp, j, _, coeffs, err, _, next_check, last_dim, last_log_ratio = state
+    def step_cond(state):
+        _, dim, breakdown, next_check = state
+        return (dim < next_check) & ~breakdown
+
+    def step_body(state):
+        decomp, j, _, next_check = state
         decomp, breakdown = arnoldi.step(system.matvec, params, decomp, j, config.orth)
-        dim = j + 1
-        check = (dim >= next_check) | breakdown | (dim >= m)
-        coeffs, err = lax.cond(
-            check,
-            lambda: coefficients(decomp, dim, tau_abs),
-            lambda: (coeffs, err),
+        return decomp, j + 1, breakdown, next_check
+
+    def grow_body(state):
+        # Steps up to the next check in an inner loop, then one check: under `vmap`
+        # the small exponential then runs once per check, not once per step.
+        decomp, dim, _, coeffs, err, _, next_check, last_dim, last_log_ratio = state
+        decomp, dim, breakdown, _ = _while(
+            step_cond,
+            step_body,
+            (decomp, dim, jnp.asarray(False), next_check),
+            m,
+            config.direct,
         )
-        accepted = check & (err <= tau_abs * tol)
+        coeffs, err = coefficients(decomp, dim, tau_abs)
+        accepted = err <= tau_abs * tol
         done = accepted | breakdown | (dim >= m)
         log_ratio = jnp.log(err) - jnp.log(tau_abs * tol)
-        predicted = _next_check(dim, log_ratio, last_dim, last_log_ratio, m)
-        next_check = jnp.where(check, predicted, next_check)
-        last_dim = jnp.where(check, dim, last_dim)
-        last_log_ratio = jnp.where(check, log_ratio, last_log_ratio)
+        next_check = _next_check(dim, log_ratio, last_dim, last_log_ratio, m)
         return (
             decomp,
             dim,
@@ -437,8 +445,8 @@ def _substep(system, params, w, tau_try, remaining, tol_per_time, config: _Confi
             err,
             accepted,
             next_check,
-            last_dim,
-            last_log_ratio,
+            dim,
+            log_ratio,
         )
 
     init = (
@@ -505,8 +513,23 @@ class _Carry(NamedTuple):
 def _loop(
     params, vector, times, system, config: _Config, record: bool, visit=None, acc=None
 ):
-    """The adaptive sweep over the output times. `visit(acc, time, substep)`, if
-    given, is called on every substep with its start time and folds into `acc`."""
+    """The adaptive sweep over the output times (see `_sweep`). Under `vmap` it runs
+    sequentially over the batch (`jax.custom_batching.sequential_vmap`): batching the
+    adaptive loops themselves would turn every size bucket and every conditional
+    error check into a select that runs all branches, about 100× slower. Not with
+    `DirectAdjoint`, whose loops JAX must differentiate."""
+
+    def run(params, vector, times, acc):
+        return _sweep(params, vector, times, system, config, record, visit, acc)
+
+    if not config.direct:
+        run = jax.custom_batching.sequential_vmap(run)
+    return run(params, vector, times, acc)
+
+
+def _sweep(params, vector, times, system, config: _Config, record, visit, acc):
+    """`visit(acc, time, substep)`, if given, is called on every substep with its
+    start time and folds into `acc`."""
     num_times = times.shape[0]
     n = vector.shape[0]
     real = times.dtype
@@ -640,14 +663,31 @@ def _evaluate_fwd(perturbed, primals, system, config):
 @_evaluate_custom.def_bwd
 def _evaluate_bwd(residuals, grad_obj, perturbed, primals, system, config):
     params, vector, times = primals
-    (starts, taus, segments, ends, last), dims, num_substeps = residuals
     outputs_bar = grad_obj[0]
     if outputs_bar is None:
         outputs_bar = jnp.zeros((times.shape[0], vector.shape[0]), vector.dtype)
+    want_params = any(jtu.tree_leaves(perturbed[0]))
+
+    # Sequential under `vmap`, for the reason given in `_loop`.
+    @jax.custom_batching.sequential_vmap
+    def backward(params, vector, times, residuals, outputs_bar):
+        return _backward(
+            params, vector, times, residuals, outputs_bar, system, config, want_params
+        )
+
+    grads = backward(params, vector, times, residuals, outputs_bar)
+    return jtu.tree_map(
+        lambda g, p: g if p else None, grads, perturbed, is_leaf=lambda x: x is None
+    )
+
+
+def _backward(
+    params, vector, times, residuals, outputs_bar, system, config, want_params
+):
+    (starts, taus, segments, ends, last), dims, num_substeps = residuals
     params_bar = jtu.tree_map(jnp.zeros_like, params)
     times_bar = jnp.zeros_like(times)
     w_bar = jnp.zeros_like(vector)
-    want_params = any(jtu.tree_leaves(perturbed[0]))
 
     def body(k, carry):
         w_bar, params_bar, times_bar = carry
@@ -707,10 +747,7 @@ def _evaluate_bwd(residuals, grad_obj, perturbed, primals, system, config):
     w_bar, params_bar, times_bar = lax.fori_loop(
         0, num_substeps, body, (w_bar, params_bar, times_bar)
     )
-    grads = (params_bar, w_bar, times_bar)
-    return jtu.tree_map(
-        lambda g, p: g if p else None, grads, perturbed, is_leaf=lambda x: x is None
-    )
+    return params_bar, w_bar, times_bar
 
 
 class _TransposedSystem(eqx.Module):
