@@ -89,7 +89,7 @@ def exp_coefficients(hessenberg: jax.Array, dim: jax.Array, tau: jax.Array):
         return first_column
 
     # Small exponentials cost O(b^3): finer buckets than for the O(n b) projections.
-    return bucket_switch(dim + 1, m1, branch, extended, ratio=1.5)
+    return bucket_switch(dim + 1, m1, branch, extended, ratio=2.0)
 
 
 def error_estimate(decomp: Decomposition, coeffs: jax.Array, dim: jax.Array):
@@ -158,5 +158,5 @@ def exp_gram(
         return gram
 
     needed = jnp.maximum(adjoint_dim, forward_dim) + 1
-    gram = bucket_switch(needed, m1, branch, adjoint, forward, unit, ratio=1.5)
+    gram = bucket_switch(needed, m1, branch, adjoint, forward, unit, ratio=2.0)
     return gram * scale.astype(gram.dtype)
