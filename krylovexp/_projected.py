@@ -31,36 +31,62 @@ _THETA = 1.0
 _MAX_SQUARINGS = 40
 
 
+def _scaled_taylor_exp(parts, mul, identity, norm):
+    """Scaling and squaring of the degree-18 Taylor polynomial for a matrix given as
+    a tuple of blocks with its own product `mul` (so that structure is kept)."""
+    dtype = parts[0].dtype
+    c = [jnp.asarray(x, dtype) for x in _TAYLOR]
+    squarings = jnp.maximum(0, jnp.ceil(jnp.log2(norm / _THETA)))
+    squarings = jnp.where(jnp.isfinite(squarings), squarings, 2 * _MAX_SQUARINGS)
+    a1 = tuple(x / (2.0**squarings).astype(dtype) for x in parts)
+    a2 = mul(a1, a1)
+    a3 = mul(a2, a1)
+    a4 = mul(a2, a2)
+    powers = (identity, a1, a2, a3)
+
+    def block(i):
+        return tuple(
+            sum(c[4 * i + j] * powers[j][b] for j in range(4)) for b in range(len(a1))
+        )
+
+    result = block(4)
+    for i in (3, 2, 1, 0):
+        result = tuple(x + y for x, y in zip(mul(result, a4), block(i), strict=True))
+
+    def square(i, r):
+        return lax.cond(i < squarings, lambda r: mul(r, r), lambda r: r, r)
+
+    result = lax.fori_loop(0, _MAX_SQUARINGS, square, result)
+    return tuple(jnp.where(squarings <= _MAX_SQUARINGS, x, jnp.nan) for x in result)
+
+
 def expm_small(matrix: jax.Array) -> jax.Array:
     """Dense exponential of a small matrix by scaling and squaring a degree-18 Taylor
     polynomial (Paterson–Stockmeyer: 7 matrix products, no linear solve, so no LAPACK
     call and no BLAS thread pool; cf. Al-Mohy & Higham 2009, Sastre et al. 2019).
     A fixed-length squaring scan keeps it cheap to compile and reverse-differentiable.
     Returns NaN if the norm is beyond 2^40."""
-    size = matrix.shape[0]
-    c = [jnp.asarray(x, matrix.dtype) for x in _TAYLOR]
+    eye = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
     norm = jnp.max(jnp.sum(jnp.abs(matrix), axis=0))
-    squarings = jnp.maximum(0, jnp.ceil(jnp.log2(norm / _THETA)))
-    squarings = jnp.where(jnp.isfinite(squarings), squarings, 2 * _MAX_SQUARINGS)
-    a1 = matrix / (2.0**squarings).astype(matrix.dtype)
-    eye = jnp.eye(size, dtype=matrix.dtype)
-    a2 = a1 @ a1
-    a3 = a2 @ a1
-    a4 = a2 @ a2
-    powers = (eye, a1, a2, a3)
+    (result,) = _scaled_taylor_exp((matrix,), lambda a, b: (a[0] @ b[0],), (eye,), norm)
+    return result
 
-    def block(i):
-        return sum(c[4 * i + j] * powers[j] for j in range(4))
 
-    result = block(4)
-    for i in (3, 2, 1, 0):
-        result = result @ a4 + block(i)
+def expm_corner(left: jax.Array, coupling: jax.Array, right: jax.Array) -> jax.Array:
+    """The upper right block of `exp([[left, coupling], [0, right]])`, i.e.
+    `∫_0^1 exp((1 - r) left) coupling exp(r right) dr` (Van Loan 1978), with block
+    triangular products (4 block products instead of the 8 of a dense product)."""
 
-    def square(i, r):
-        return lax.cond(i < squarings, lambda r: r @ r, lambda r: r, r)
+    def mul(a, b):
+        return (a[0] @ b[0], a[0] @ b[1] + a[1] @ b[2], a[2] @ b[2])
 
-    result = lax.fori_loop(0, _MAX_SQUARINGS, square, result)
-    return jnp.where(squarings <= _MAX_SQUARINGS, result, jnp.nan)
+    eye = jnp.eye(left.shape[0], dtype=left.dtype)
+    columns = jnp.maximum(
+        jnp.max(jnp.sum(jnp.abs(left), axis=0)),
+        jnp.max(jnp.sum(jnp.abs(coupling), axis=0) + jnp.sum(jnp.abs(right), axis=0)),
+    )
+    identity = (eye, jnp.zeros_like(coupling), eye)
+    return _scaled_taylor_exp((left, coupling, right), mul, identity, columns)[1]
 
 
 def extended_hessenberg(hessenberg: jax.Array, dim: jax.Array) -> jax.Array:
@@ -138,9 +164,10 @@ def exp_gram(
     `G[a, b]` is the weight of the pair (adjoint basis vector `a`, forward basis vector
     `b`) in the integral of the product of the two projected solutions. It is the
     upper right block of the exponential of the block triangular matrix
-    `tau [[F̃, e_1 y_0^T], [0, F^T]]` (Van Loan 1978), computed at the smallest
-    bucket that holds both dimensions. The coupling block is normalised first (G is
-    linear in it), so that it does not inflate the scaling-and-squaring norm.
+    `tau [[F̃, e_1 y_0^T], [0, F^T]]` (Van Loan 1978, `expm_corner`), computed at the
+    smallest bucket that holds both dimensions. The coupling block is normalised
+    first (G is linear in it), so that it does not inflate the scaling-and-squaring
+    norm.
     """
     m1 = forward.shape[0]
     scale = jnp.max(jnp.abs(forward_start))
@@ -149,14 +176,14 @@ def exp_gram(
 
     def branch(b):
         def gram(adjoint, forward, unit):
-            zeros = jnp.zeros((b, b), forward.dtype)
-            coupling = zeros.at[0].set(unit[:b])
-            block = jnp.block([[adjoint[:b, :b], coupling], [zeros, forward[:b, :b].T]])
-            corner = expm_small(tau * block)[:b, b:]
+            coupling = jnp.zeros((b, b), forward.dtype).at[0].set(unit[:b])
+            corner = expm_corner(
+                tau * adjoint[:b, :b], tau * coupling, tau * forward[:b, :b].T
+            )
             return jnp.zeros((m1, m1), forward.dtype).at[:b, :b].set(corner)
 
         return gram
 
     needed = jnp.maximum(adjoint_dim, forward_dim) + 1
-    gram = bucket_switch(needed, m1, branch, adjoint, forward, unit, ratio=2.0)
+    gram = bucket_switch(needed, m1, branch, adjoint, forward, unit, ratio=1.5)
     return gram * scale.astype(gram.dtype)
