@@ -1,3 +1,4 @@
+import gc
 import os
 
 
@@ -10,6 +11,31 @@ os.environ["XLA_FLAGS"] = (
 )
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 
 jax.config.update("jax_enable_x64", True)
+
+
+# Every XLA:CPU executable keeps its compiled kernels in memory mappings of its own, and
+# JAX's caches keep the executables alive. The suite compiles thousands of programs; a
+# Linux process may hold at most `vm.max_map_count` (65,530 by default) mappings, and
+# past that LLVM segfaults while compiling the next program. Drop the caches (and with
+# them the code) whenever the count gets high.
+_MAX_MAPPINGS = 30_000
+
+
+def _memory_mappings() -> int:
+    try:
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps)
+    except OSError:  # not Linux
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_code():
+    yield
+    if _memory_mappings() > _MAX_MAPPINGS:
+        jax.clear_caches()
+        gc.collect()
