@@ -45,9 +45,10 @@ class AbstractKrylovAdjoint(eqx.Module):
 
 
 class KrylovAdjoint(AbstractKrylovAdjoint):
-    """Reverse mode without differentiating through the loops: only the substep
-    boundaries are stored, each substep's Krylov basis is rebuilt on the backward pass,
-    peak memory is O(n (max_krylov_dim + substeps)), and the step sizes chosen by the
+    """Reverse mode without differentiating through the loops: only substep
+    boundaries are stored (start vectors in a fixed number of checkpoints), each
+    substep's Krylov basis is rebuilt on the backward pass, peak memory is
+    O(n (max_krylov_dim + 16 + max_substeps / 16)), and the step sizes chosen by the
     controller are constants. Reverse mode only: for `jax.jvp`/`jax.jacfwd` use
     [`krylovexp.DirectAdjoint`][].
 
@@ -59,7 +60,7 @@ class KrylovAdjoint(AbstractKrylovAdjoint):
           evaluation with the transposed matvec, and the parameter cotangent is
           `∫_0^τ ∂θ⟨exp((τ-s)Aᵀ) w̄, A(θ) exp(sA) v⟩ ds`, integrated exactly in the
           product of the two Krylov spaces (a block exponential, Van Loan 1978) and
-          paid with one batched VJP of the matvec over the forward basis.
+          paid with VJPs of the matvec over the forward basis.
         - `"approximation"`: of the computed Krylov approximation, exactly (to
           round-off), by the adjoint of the Arnoldi/Lanczos iteration (Krämer,
           Moreno-Muñoz, Roy & Hauberg, NeurIPS 2024): the steps are swept in reverse,
@@ -123,8 +124,7 @@ class KrylovExpm(eqx.Module):
     - `max_krylov_dim`: largest Krylov dimension per substep (default 64 for Arnoldi,
         100 for Lanczos, never more than the operator size).
     - `min_krylov_dim`: smallest dimension at which the error estimate is trusted.
-    - `max_substeps`: substep budget (also sizes the buffer of substep boundaries kept
-        for the backward pass).
+    - `max_substeps`: substep budget.
     - `adjoint`: [`krylovexp.KrylovAdjoint`][] (default) or
         [`krylovexp.DirectAdjoint`][].
     - `throw`: raise a runtime error on failure (else only report `Solution.result`).
@@ -494,6 +494,55 @@ def _substep(system, params, w, tau_try, remaining, tol_per_time, config: _Confi
     return _Substep(value, decomp, dim, tau, ends, accepted, rejections, next_try, err)
 
 
+# Substep starts kept for the backward pass; see `_store_checkpoint`.
+_CHECKPOINT_SLOTS = 16
+
+
+def _checkpoint_slots(config: _Config) -> int:
+    return min(config.max_substeps, _CHECKPOINT_SLOTS)
+
+
+def _max_stride(config: _Config) -> int:
+    stride = 1
+    while _checkpoint_slots(config) * stride < config.max_substeps:
+        stride *= 2
+    return stride
+
+
+class _Record(NamedTuple):
+    """What the forward sweep keeps for the backward pass: the start vectors of every
+    `stride`-th substep, each substep's step size, output segment and whether it
+    ends the segment, and the last substep's decomposition."""
+
+    checkpoints: Array  # (slots, n)
+    stride: Array
+    taus: Array
+    segments: Array
+    ends: Array
+    last: arnoldi.Decomposition
+
+
+def _store_checkpoint(rec: _Record, index, start) -> _Record:
+    """Keep the start of substep `index` if `index` is a multiple of the stride. When
+    the slots are full, every other checkpoint is dropped and the stride doubles, so
+    memory stays `slots × n` however many substeps are taken, and the backward pass
+    recomputes at most `stride - 1` substeps per checkpoint (one extra forward sweep
+    in all, and none while the substeps fit in the slots)."""
+    slots = rec.checkpoints.shape[0]
+    full = index == slots * rec.stride
+
+    def thin(checkpoints):
+        kept = checkpoints[::2]
+        return jnp.concatenate([kept, jnp.zeros_like(checkpoints[kept.shape[0] :])])
+
+    checkpoints = lax.cond(full, thin, lambda x: x, rec.checkpoints)
+    stride = jnp.where(full, 2 * rec.stride, rec.stride)
+    slot = jnp.minimum(index // stride, slots - 1)
+    keep = index % stride == 0
+    row = jnp.where(keep, start, checkpoints[slot])
+    return rec._replace(checkpoints=checkpoints.at[slot].set(row), stride=stride)
+
+
 class _Carry(NamedTuple):
     segment: Array
     time: Array
@@ -506,7 +555,7 @@ class _Carry(NamedTuple):
     dims: Array
     error: Array
     failed: Array
-    record: Any  # (starts, taus, segments, ends, last decomposition) or None
+    record: Any  # a `_Record`, or None
     visited: Any  # accumulator of `visit`, or None
 
 
@@ -547,12 +596,13 @@ def _sweep(params, vector, times, system, config: _Config, record, visit, acc):
     valid = monotone & finite
 
     if record:
-        rec = (
-            jnp.zeros((config.max_substeps, n), vector.dtype),
-            jnp.zeros(config.max_substeps, real),
-            jnp.zeros(config.max_substeps, jnp.int32),
-            jnp.zeros(config.max_substeps, bool),
-            arnoldi.start(vector, config.max_dim),
+        rec = _Record(
+            checkpoints=jnp.zeros((_checkpoint_slots(config), n), vector.dtype),
+            stride=jnp.asarray(1),
+            taus=jnp.zeros(config.max_substeps, real),
+            segments=jnp.zeros(config.max_substeps, jnp.int32),
+            ends=jnp.zeros(config.max_substeps, bool),
+            last=arnoldi.start(vector, config.max_dim),
         )
     else:
         rec = None
@@ -584,13 +634,14 @@ def _sweep(params, vector, times, system, config: _Config, record, visit, acc):
         w_new = sub.value
         outputs = jnp.where(sub.ends, c.outputs.at[c.segment].set(w_new), c.outputs)
         if record:
-            starts, taus, segments, ends, _ = c.record
-            rec = (
-                starts.at[c.num_substeps].set(c.w),
-                taus.at[c.num_substeps].set(lax.stop_gradient(sub.tau)),
-                segments.at[c.num_substeps].set(c.segment),
-                ends.at[c.num_substeps].set(sub.ends),
-                sub.decomp,
+            r = _store_checkpoint(c.record, c.num_substeps, c.w)
+            rec = _Record(
+                checkpoints=r.checkpoints,
+                stride=r.stride,
+                taus=r.taus.at[c.num_substeps].set(lax.stop_gradient(sub.tau)),
+                segments=r.segments.at[c.num_substeps].set(c.segment),
+                ends=r.ends.at[c.num_substeps].set(sub.ends),
+                last=sub.decomp,
             )
         else:
             rec = None
@@ -684,26 +735,52 @@ def _evaluate_bwd(residuals, grad_obj, perturbed, primals, system, config):
 def _backward(
     params, vector, times, residuals, outputs_bar, system, config, want_params
 ):
-    (starts, taus, segments, ends, last), dims, num_substeps = residuals
+    rec, dims, num_substeps = residuals
+    taus, segments, ends = rec.taus, rec.segments, rec.ends
     params_bar = jtu.tree_map(jnp.zeros_like, params)
     times_bar = jnp.zeros_like(times)
     w_bar = jnp.zeros_like(vector)
 
+    def rebuild(start, s):
+        return arnoldi.build(
+            system.matvec, params, start, dims[s], config.max_dim, config.orth
+        )
+
+    def substep_start(k, s, starts):
+        """The start of substep `s`, from its checkpoint and, when the stride is above
+        one, the substeps after it: on entering a segment of `stride` substeps (from
+        its end), all its starts are recomputed into `starts`."""
+        if starts is None:
+            return rec.checkpoints[s], starts
+        first = (s // rec.stride) * rec.stride
+
+        def recompute(starts):
+            def advance(i, carry):
+                starts, w = carry
+                decomp = rebuild(w, first + i)
+                w = approximation(
+                    decomp, dims[first + i], taus[first + i], config.corrected
+                )
+                return starts.at[i + 1].set(w), w
+
+            w = rec.checkpoints[s // rec.stride]
+            starts = starts.at[0].set(w)
+            return lax.fori_loop(0, s - first, advance, (starts, w))[0]
+
+        refresh = (k == 0) | (s % rec.stride == rec.stride - 1)
+        starts = lax.cond(refresh, recompute, lambda starts: starts, starts)
+        return starts[s - first], starts
+
     def body(k, carry):
-        w_bar, params_bar, times_bar = carry
+        w_bar, params_bar, times_bar, starts = carry
         s = num_substeps - 1 - k
         seg = segments[s]
         w_bar = w_bar + jnp.where(ends[s], outputs_bar[seg], 0)
         dim = dims[s]
+        start, starts = substep_start(k, s, starts)
         # The last substep's basis is kept from the forward pass; earlier ones are
         # rebuilt from their start vectors (memory O(n max_krylov_dim)).
-        decomp = lax.cond(
-            k == 0,
-            lambda: last,
-            lambda: arnoldi.build(
-                system.matvec, params, starts[s], dim, config.max_dim, config.orth
-            ),
-        )
+        decomp = lax.cond(k == 0, lambda: rec.last, lambda: rebuild(start, s))
 
         def substep_value(basis, hessenberg, beta, tau):
             decomp = arnoldi.Decomposition(basis, hessenberg, beta)
@@ -742,10 +819,13 @@ def _backward(
         times_bar = times_bar.at[jnp.maximum(seg - 1, 0)].add(
             jnp.where(seg > 0, -tau_bar, 0)
         )
-        return start_bar, params_bar, times_bar
+        return start_bar, params_bar, times_bar, starts
 
-    w_bar, params_bar, times_bar = lax.fori_loop(
-        0, num_substeps, body, (w_bar, params_bar, times_bar)
+    max_stride = _max_stride(config)
+    starts = None if max_stride == 1 else jnp.zeros((max_stride,) + vector.shape)
+    starts = None if starts is None else starts.astype(vector.dtype)
+    w_bar, params_bar, times_bar, _ = lax.fori_loop(
+        0, num_substeps, body, (w_bar, params_bar, times_bar, starts)
     )
     return params_bar, w_bar, times_bar
 
@@ -758,6 +838,37 @@ class _TransposedSystem(eqx.Module):
     def matvec(self, params, y):
         _, vjp = jax.vjp(lambda x: self.system.matvec(params, x), jnp.zeros_like(y))
         return vjp(y)[0]
+
+
+# Rows per batched VJP in `_matvec_vjp_sum`.
+_VJP_CHUNK = 8
+
+
+def _matvec_vjp_sum(system, params, rows, cotangents, count):
+    """`∂θ Σ_{b < count} ⟨cotangents_b, A(θ) rows_b⟩`.
+
+    The VJPs of the matvec are batched `_VJP_CHUNK` rows at a time in a loop that
+    stops at `count`: one batch of all rows makes XLA fuse a stencil into a reduction
+    over rows and space, many times slower than applying it row by row, while one row
+    at a time would repeat the parameter-only work of the matvec (an MLP coefficient
+    field, say) for every row."""
+    size = rows.shape[0]
+    chunk = min(_VJP_CHUNK, size)
+
+    def body(i, total):
+        first = i * chunk
+        start = jnp.minimum(first, size - chunk)  # the last chunk may overlap
+        fresh = (start + jnp.arange(chunk) >= first)[:, None]
+        chunk_rows = lax.dynamic_slice_in_dim(rows, start, chunk)
+        chunk_cotangents = lax.dynamic_slice_in_dim(cotangents, start, chunk)
+        chunk_cotangents = jnp.where(fresh, chunk_cotangents, 0)
+        _, vjp = jax.vjp(
+            lambda p: jax.vmap(lambda q: system.matvec(p, q))(chunk_rows), params
+        )
+        return jtu.tree_map(jnp.add, total, vjp(chunk_cotangents)[0])
+
+    num_chunks = (count + chunk - 1) // chunk
+    return lax.fori_loop(0, num_chunks, body, jtu.tree_map(jnp.zeros_like, params))
 
 
 def _solution_adjoint(
@@ -773,9 +884,10 @@ def _solution_adjoint(
     `λ` comes from an adaptive Krylov sweep of the transposed operator from `w̄`; on
     each of its substeps `λ(s) = Z z(s)` and `u(s) = Q y(s)` (the forward basis), so
     the integral is `∂θ Σ_b ⟨c_b, A(θ) q_b⟩` with `c_b = Σ_a G[a, b] z_a` and `G` the
-    exact integral of `z(s) y(s)ᵀ` (`exp_gram`): one batched VJP of the matvec over
-    the forward basis. Both factors are solutions, smooth where the true ones are,
-    so rough parameter directions are damped as they are by `exp(tau A)`.
+    exact integral of `z(s) y(s)ᵀ` (`exp_gram`): VJPs of the matvec over the
+    forward basis (`_matvec_vjp_sum`). Both factors are solutions, smooth where the
+    true ones are, so rough parameter directions are damped as they are by
+    `exp(tau A)`.
     """
     orth = config.orth if config.orth.head == 0 else arnoldi.FULL
     inner = config._replace(orth=orth, solution_adjoint=False, direct=False)
@@ -796,19 +908,15 @@ def _solution_adjoint(
         def branch(b):
             def accumulate(params, forward_basis, adjoint_basis, gram):
                 cotangents = gram[:b, :b].T @ adjoint_basis[:b]
-                _, vjp = jax.vjp(
-                    lambda p: jax.vmap(lambda q: system.matvec(p, q))(
-                        forward_basis[:b]
-                    ),
-                    params,
+                return _matvec_vjp_sum(
+                    system, params, forward_basis[:b], cotangents, dim + 1
                 )
-                return vjp(cotangents)[0]
 
             return accumulate
 
         needed = jnp.maximum(dim, sub.dim) + 1
         increment = arnoldi.bucket_switch(
-            needed, m1, branch, params, decomp.basis, sub.decomp.basis, gram
+            needed, m1, branch, params, decomp.basis, sub.decomp.basis, gram, ratio=1.5
         )
         return jtu.tree_map(jnp.add, params_bar, increment)
 
