@@ -77,9 +77,11 @@ def safe_normalise(x: jax.Array, norm: jax.Array) -> jax.Array:
 
 
 def _project_out(basis_rows: jax.Array, mask: jax.Array, w: jax.Array):
-    rows = jnp.where(mask[:, None], basis_rows, 0)
-    coeffs = jnp.conj(rows) @ w
-    return coeffs, w - coeffs @ rows
+    # Masking the coefficients rather than the rows avoids a masked copy of the rows
+    # (the projection is memory-bound); rows past the current dimension are zero or
+    # finite earlier vectors, so a zero coefficient removes them exactly.
+    coeffs = jnp.where(mask, jnp.conj(basis_rows) @ w, 0)
+    return coeffs, w - coeffs @ basis_rows
 
 
 def orthonormalise(
@@ -98,16 +100,17 @@ def orthonormalise(
 
     def branch(b):
         def project(basis, w0, j):
-            rows = jnp.arange(b)
-            mask = rows <= j
-            c1, w1 = _project_out(basis[:b], mask, w0)
+            rows = basis[:b]  # a copy on XLA:CPU: take it once for both passes
+            mask = jnp.arange(b) <= j
+            c1, w1 = _project_out(rows, mask, w0)
             # Second pass only when cancellation was severe (Daniel–Gragg–Kaufman–
             # Stewart criterion); "twice is enough".
             norm0, norm1 = safe_norm(w0), safe_norm(w1)
             c2, w2 = lax.cond(
                 norm1 < 0.7071 * norm0,
-                lambda w: _project_out(basis[:b], mask, w),
-                lambda w: (jnp.zeros_like(c1), w),
+                lambda rows, w: _project_out(rows, mask, w),
+                lambda rows, w: (jnp.zeros_like(c1), w),
+                rows,
                 w1,
             )
             return jnp.zeros(m1, w0.dtype).at[:b].set(c1 + c2), w2
