@@ -822,8 +822,11 @@ def _backward(
         return start_bar, params_bar, times_bar, starts
 
     max_stride = _max_stride(config)
-    starts = None if max_stride == 1 else jnp.zeros((max_stride,) + vector.shape)
-    starts = None if starts is None else starts.astype(vector.dtype)
+    starts = (
+        None
+        if max_stride == 1
+        else jnp.zeros((max_stride,) + vector.shape, vector.dtype)
+    )
     w_bar, params_bar, times_bar, _ = lax.fori_loop(
         0, num_substeps, body, (w_bar, params_bar, times_bar, starts)
     )
