@@ -3,15 +3,19 @@ reverse sweep that gives its adjoint.
 
 Everything works on flat 1-D vectors in fixed-size buffers:
 
-- `basis` of shape `(m + 1, n)`: row `i` is the Krylov vector `q_i` (rows past the
-  current dimension are zero or ignored);
-- `hessenberg` of shape `(m + 1, m)`: column `j` holds the coefficients of
-  `A q_j` in the basis, so that `A Q_k = Q_{k+1} H[:k+1, :k]`.
+- `basis`: a tuple of chunks, each of shape `(rows, n)`. Chunk 0 holds the Krylov
+  vectors `q_0, q_1, ...` from row 0; every later chunk holds the next vectors after a
+  short prefix that repeats the rows an incomplete step reads (the head vectors and
+  the trailing window), so that a step reads and writes one chunk only. A growing
+  space gets a new chunk when the last one is full; nothing is copied but the prefix.
+- `hessenberg` of shape `(m + 1, m)`: column `j` holds the coefficients of `A q_j`
+  in the basis, so that `A Q_k = Q_{k+1} H[:k+1, :k]`.
 
 Orthogonalisation is described by an `Orthogonalisation` value: full (Arnoldi, with
 classical Gram–Schmidt and a DGKS-guarded second pass), or incomplete against a
-trailing window of vectors plus a fixed head of leading vectors (window 2 and no head
-is the Lanczos three-term recurrence for Hermitian operators).
+trailing window of vectors plus a fixed head of leading vectors. Window 2 without a
+head is the Lanczos three-term recurrence for Hermitian operators, in its modified
+form (Paige 1972): `w = A q_j - β_j q_{j-1}`, `α_j = ⟨q_j, w⟩`, `w -= α_j q_j`.
 """
 
 from collections.abc import Callable
@@ -39,23 +43,41 @@ class Orthogonalisation(NamedTuple):
 FULL = Orthogonalisation(window=None)
 
 
-def size_buckets(size: int, ratio: float = 4.0) -> tuple[int, ...]:
-    """Static block sizes used to keep per-step work proportional to the dimension
-    reached rather than to the buffer size (more buckets: less work, longer compile)."""
+def is_lanczos(orth: Orthogonalisation) -> bool:
+    """The three-term recurrence for Hermitian operators."""
+    return orth.window == 2 and orth.head == 0
+
+
+def prefix_rows(orth: Orthogonalisation) -> int:
+    """Rows repeated at the front of every chunk after the first."""
+    return 0 if orth.window is None else orth.head + orth.window
+
+
+def row_buckets(rows: int, first: int = 8) -> tuple[int, ...]:
+    """Static row counts `first, 2 first, 4 first, ...` up to `rows` (the last one is
+    `rows`).
+
+    One family serves everywhere work should follow the Krylov dimension reached
+    rather than the buffer size: the capacities a substep's basis grows through, the
+    rows a projection reads, and the sizes of the small exponentials. A last bucket
+    within 25% of `rows` is merged into it."""
     buckets = []
-    b = 16
-    while 1.25 * b < size:
+    b = first
+    while b < rows:
         buckets.append(b)
-        b = int(b * ratio)
-    buckets.append(size)
-    return tuple(buckets)
+        b *= 2
+    if buckets and rows < 1.25 * buckets[-1]:
+        buckets.pop()
+    return tuple(buckets) + (rows,)
 
 
-def bucket_switch(
-    needed: jax.Array, size: int, make_branch, *operands, ratio: float = 4.0
-):
-    """Run `make_branch(b)(*operands)` for the smallest static bucket `b >= needed`."""
-    buckets = size_buckets(size, ratio)
+def bucket_switch(needed: jax.Array, size: int, make_branch, *operands, low: int = 1):
+    """Run `make_branch(b)(*operands)` for the smallest bucket `b >= needed` of
+    `row_buckets(size)`. `low` is a static lower bound on `needed`: buckets below it
+    are never compiled."""
+    buckets = row_buckets(size)
+    first = next(i for i, b in enumerate(buckets) if b >= min(low, size))
+    buckets = buckets[first:]
     if len(buckets) == 1:
         return make_branch(buckets[0])(*operands)
     index = jnp.searchsorted(jnp.asarray(buckets), needed, side="left")
@@ -76,6 +98,10 @@ def safe_normalise(x: jax.Array, norm: jax.Array) -> jax.Array:
     return jnp.where(positive, x / jnp.where(positive, norm, 1).astype(x.dtype), 0)
 
 
+# ---------------------------------------------------------------------------------
+# Orthogonalisation of one new vector.
+
+
 def _project_out(basis_rows: jax.Array, mask: jax.Array, w: jax.Array):
     # Masking the coefficients rather than the rows avoids a masked copy of the rows
     # (the projection is memory-bound); rows past the current dimension are zero or
@@ -84,47 +110,16 @@ def _project_out(basis_rows: jax.Array, mask: jax.Array, w: jax.Array):
     return coeffs, w - coeffs @ basis_rows
 
 
-def orthonormalise(
-    basis: jax.Array, w0: jax.Array, j: jax.Array, orth: Orthogonalisation
-) -> tuple[jax.Array, jax.Array]:
-    """Orthogonalise `w0 = A q_j` against the admissible rows of `basis` and normalise.
+def _normalise(coeffs, w, j, removed_sq):
+    """`q_{j+1} = w / ‖w‖` and the coefficient column with `h_{j+1,j}` in place.
 
-    Returns the new basis vector `q_{j+1}` (zero on breakdown) and the column
-    `H[:, j]` of length `m + 1`, including the subdiagonal entry `h_{j+1,j}` (set to
-    exactly zero on breakdown, so the Krylov space is treated as invariant).
-    """
-    m1, _ = basis.shape
-    if orth.window is not None:
-        rows, index = window_rows(basis, j, orth)
-        return orthonormalise_rows(rows, index, w0, j, orth, m1)
-
-    def branch(b):
-        def project(basis, w0, j):
-            rows = basis[:b]  # a copy on XLA:CPU: take it once for both passes
-            mask = jnp.arange(b) <= j
-            c1, w1 = _project_out(rows, mask, w0)
-            # Second pass only when cancellation was severe (Daniel–Gragg–Kaufman–
-            # Stewart criterion); "twice is enough".
-            norm0, norm1 = safe_norm(w0), safe_norm(w1)
-            c2, w2 = lax.cond(
-                norm1 < 0.7071 * norm0,
-                lambda rows, w: _project_out(rows, mask, w),
-                lambda rows, w: (jnp.zeros_like(c1), w),
-                rows,
-                w1,
-            )
-            return jnp.zeros(m1, w0.dtype).at[:b].set(c1 + c2), w2
-
-        return project
-
-    coeffs, w = bucket_switch(j + 1, m1, branch, basis, w0, j, ratio=2.0)
-    return _normalise(coeffs, w, w0, j)
-
-
-def _normalise(coeffs, w, w0, j):
-    eps = jnp.finfo(w0.dtype).eps
+    Breakdown (`h_{j+1,j} = 0`, the space is invariant) is declared when `‖w‖` is at
+    round-off level relative to `‖A q_j‖`, whose square is `‖w‖² + removed_sq` with
+    `removed_sq` the squared norm of the coefficients removed (Pythagoras: no extra
+    pass over the vector)."""
+    eps = jnp.finfo(w.dtype).eps
     h = safe_norm(w)
-    breakdown = h <= 100 * eps * safe_norm(w0)
+    breakdown = h <= 100 * eps * jnp.sqrt(h * h + removed_sq)
     h = jnp.where(breakdown, 0, h)
     q_next = safe_normalise(w, h)
     last = coeffs.shape[0] - 1
@@ -132,16 +127,77 @@ def _normalise(coeffs, w, w0, j):
     return q_next, column
 
 
-def window_rows(basis, j, orth: Orthogonalisation):
-    """The rows an incomplete step reads: the head, then a trailing window (a dynamic
-    slice, so a step costs O(n (window + head))). Returns them and their indices."""
-    m1, _ = basis.shape
-    window = min(orth.window, m1)
-    head = min(orth.head, m1)
-    start = jnp.clip(j - window + 1, 0, m1 - window)
-    index = jnp.concatenate([jnp.arange(head), start + jnp.arange(window)])
-    window_part = lax.dynamic_slice_in_dim(basis, start, window)
-    return jnp.concatenate([basis[:head], window_part]), index
+def _squared(coeffs):
+    return jnp.sum(jnp.real(coeffs * jnp.conj(coeffs)))
+
+
+def orthonormalise_full(chunks, w0, j, column_size, low: int = 1):
+    """Full orthogonalisation of `w0 = A q_j` against rows `0..j` held in `chunks`
+    (chunk `c` holding rows from `sum of earlier chunk sizes`), then normalisation.
+
+    Earlier chunks are full and read whole; the last chunk is read up to the
+    smallest bucket holding row `j` (`low`: a static lower bound on `j + 1`).
+    Classical Gram–Schmidt with a second pass only when cancellation was severe
+    (Daniel–Gragg–Kaufman–Stewart criterion; "twice is enough").
+
+    Returns `q_{j+1}` (zero on breakdown) and the column `H[:column_size, j]`."""
+    *full, last = chunks
+    offset = sum(c.shape[0] for c in full)
+
+    def branch(b):
+        def project(last, w0, j):
+            rows = last[:b]  # a copy on XLA:CPU: take it once for both passes
+            mask = offset + jnp.arange(b) <= j
+
+            def one_pass(w):
+                coeffs = []
+                for c in full:
+                    part, w = _project_out(c, jnp.ones(c.shape[0], bool), w)
+                    coeffs.append(part)
+                part, w = _project_out(rows, mask, w)
+                return jnp.concatenate(coeffs + [part]), w
+
+            c1, w1 = one_pass(w0)
+            norm0, norm1 = safe_norm(w0), safe_norm(w1)
+            c2, w2 = lax.cond(
+                norm1 < 0.7071 * norm0,
+                one_pass,
+                lambda w: (jnp.zeros_like(c1), w),
+                w1,
+            )
+            coeffs = c1 + c2
+            column = jnp.zeros(column_size, w0.dtype).at[: coeffs.shape[0]].set(coeffs)
+            return column, w2
+
+        return project
+
+    low_last = max(1, low - offset)
+    column, w = bucket_switch(
+        j + 1 - offset, last.shape[0], branch, last, w0, j, low=low_last
+    )
+    return _normalise(column, w, j, _squared(column))
+
+
+def orthonormalise_window(chunk, base, w0, j, orth: Orthogonalisation, column_size):
+    """Incomplete orthogonalisation of `w0 = A q_j` against the head rows and the
+    trailing window of `chunk` (basis row `r >= head` at chunk index `r - base`, the
+    head rows at chunk index `0..head-1`) by two classical Gram–Schmidt passes, then
+    normalisation. Returns `q_{j+1}` and the column `H[:column_size, j]`."""
+    rows, index = window_rows(chunk, base, j, orth)
+    return _window_from_rows(rows, index, w0, j, orth, column_size)
+
+
+def window_rows(chunk, base, j, orth: Orthogonalisation):
+    """The rows an incomplete step reads from `chunk`: the head, then a trailing
+    window (a dynamic slice, so a step costs O(n (window + head))). Returns them and
+    their row indices in the basis."""
+    size = chunk.shape[0]
+    window = min(orth.window, size)
+    head = min(orth.head, size)
+    first = jnp.clip(j - window + 1, base + head, base + size - window)
+    index = jnp.concatenate([jnp.arange(head), first + jnp.arange(window)])
+    window_part = lax.dynamic_slice_in_dim(chunk, first - base, window)
+    return jnp.concatenate([chunk[:head], window_part]), index
 
 
 def window_mask(index, j, orth: Orthogonalisation):
@@ -149,30 +205,87 @@ def window_mask(index, j, orth: Orthogonalisation):
     return (index <= j) & (in_head | (index >= orth.head))
 
 
-def orthonormalise_rows(rows, index, w0, j, orth: Orthogonalisation, m1: int):
-    """Incomplete orthogonalisation (two classical Gram–Schmidt passes) against the
-    given rows, then normalisation; see `orthonormalise`."""
-    mask = window_mask(index, j, orth)
-    c1, w = _project_out(rows, mask, w0)
-    c2, w = _project_out(rows, mask, w)
-    coeffs = jnp.zeros(m1, w0.dtype).at[index].add(jnp.where(mask, c1 + c2, 0))
-    return _normalise(coeffs, w, w0, j)
+def lanczos_step(previous, current, beta_j, w0, j, column_size):
+    """The modified Lanczos recurrence for a Hermitian operator: from `w0 = A q_j`,
+    `q_{j-1}` (`previous`, ignored for `j = 0`) and `β_j = h_{j,j-1}`, the next vector
+    and the column of the (symmetric tridiagonal) projected matrix."""
+    beta_j = jnp.where(j > 0, beta_j, 0)
+    w = w0 - beta_j.astype(w0.dtype) * previous
+    alpha = jnp.real(jnp.vdot(current, w)).astype(w0.dtype)
+    w = w - alpha * current
+    coeffs = jnp.zeros(column_size, w0.dtype)
+    coeffs = coeffs.at[jnp.maximum(j - 1, 0)].add(jnp.where(j > 0, beta_j, 0))
+    coeffs = coeffs.at[j].add(alpha)
+    return _normalise(coeffs, w, j, _squared(alpha) + _squared(beta_j))
+
+
+# ---------------------------------------------------------------------------------
+# Decompositions.
 
 
 class Decomposition(NamedTuple):
-    """A Krylov decomposition in fixed-size buffers."""
+    """A Krylov decomposition in fixed-size buffers (see the module docstring)."""
 
-    basis: jax.Array  # (m + 1, n)
-    hessenberg: jax.Array  # (m + 1, m)
+    basis: tuple[jax.Array, ...]  # chunks of shape (rows, n)
+    hessenberg: jax.Array  # (max_dim + 1, max_dim)
     beta: jax.Array  # norm of the start vector (real scalar)
 
 
-def start(vector: jax.Array, max_dim: int) -> Decomposition:
+def chunk_layout(decomp: Decomposition, orth: Orthogonalisation):
+    """Per chunk: the first basis row it holds after its prefix, and the number of
+    those rows. Static."""
+    prefix = prefix_rows(orth)
+    layout, offset = [], 0
+    for i, chunk in enumerate(decomp.basis):
+        skip = 0 if i == 0 else prefix
+        layout.append((offset, skip, chunk.shape[0] - skip))
+        offset += chunk.shape[0] - skip
+    return layout
+
+
+def capacity(decomp: Decomposition, orth: Orthogonalisation) -> int:
+    """How many basis rows the chunks hold. Static."""
+    return sum(own for _, _, own in chunk_layout(decomp, orth))
+
+
+def start(
+    vector: jax.Array,
+    max_dim: int,
+    rows: int | None = None,
+    buffer: jax.Array | None = None,
+) -> Decomposition:
+    """A decomposition of dimension 0 from `vector`: in a new zeroed chunk of `rows`
+    rows (default `max_dim + 1`), or written into row 0 of `buffer` (its other rows
+    may hold stale, finite vectors; they are never read with a nonzero weight)."""
     beta = safe_norm(vector)
-    basis = jnp.zeros((max_dim + 1, vector.shape[0]), vector.dtype)
-    basis = basis.at[0].set(safe_normalise(vector, beta))
+    first = safe_normalise(vector, beta)
+    if buffer is None:
+        size = max_dim + 1 if rows is None else rows
+        buffer = jnp.zeros((size, vector.shape[0]), vector.dtype)
     hessenberg = jnp.zeros((max_dim + 1, max_dim), vector.dtype)
-    return Decomposition(basis, hessenberg, beta)
+    return Decomposition((buffer.at[0].set(first),), hessenberg, beta)
+
+
+def extend(decomp: Decomposition, rows: int, orth: Orthogonalisation) -> Decomposition:
+    """Room for `rows` more basis vectors: a new chunk, whose prefix repeats the head
+    rows and the last `window` rows (what an incomplete step reads)."""
+    n = decomp.basis[0].shape[1]
+    dtype = decomp.basis[0].dtype
+    prefix = prefix_rows(orth)
+    chunk = jnp.zeros((prefix + rows, n), dtype)
+    if prefix:
+        offset, skip, own = chunk_layout(decomp, orth)[-1]
+        last = decomp.basis[-1]
+        head = decomp.basis[0][: orth.head]
+        window = last[skip + own - orth.window : skip + own]
+        chunk = chunk.at[:prefix].set(jnp.concatenate([head, window]))
+    return decomp._replace(basis=decomp.basis + (chunk,))
+
+
+def single(decomp: Decomposition) -> jax.Array:
+    """The one chunk of a decomposition grown in a single buffer."""
+    (chunk,) = decomp.basis
+    return chunk
 
 
 def step(
@@ -181,18 +294,50 @@ def step(
     decomp: Decomposition,
     j: jax.Array,
     orth: Orthogonalisation,
+    low: int = 1,
 ) -> tuple[Decomposition, jax.Array]:
-    """Arnoldi step `j` (0-based): appends `q_{j+1}` and column `j` of H.
+    """Arnoldi step `j` (0-based): appends `q_{j+1}` and column `j` of H. Row `j + 1`
+    must fall in the last chunk, and `j - window + 1 .. j` in it or its prefix.
+    `low` is a static lower bound on `j + 1`.
 
     Returns the new decomposition and whether the step broke down (`h_{j+1,j} = 0`).
     """
-    basis, hessenberg, beta = decomp
-    w0 = matvec(params, basis[j])
-    q_next, column = orthonormalise(basis, w0, j, orth)
-    basis = basis.at[j + 1].set(q_next)
+    chunks, hessenberg, beta = decomp
+    offset, skip, _ = chunk_layout(decomp, orth)[-1]
+    base = offset - skip  # basis row r sits at index r - base of the last chunk
+    last = chunks[-1]
+    column_size = hessenberg.shape[0]
+    if orth.window is None:
+        w0 = matvec(params, _row(chunks, j, orth, decomp))
+        q_next, column = orthonormalise_full(chunks, w0, j, column_size, low)
+    elif is_lanczos(orth):
+        current = lax.dynamic_index_in_dim(last, j - base, keepdims=False)
+        previous = lax.dynamic_index_in_dim(
+            last, jnp.maximum(j - 1 - base, 0), keepdims=False
+        )
+        w0 = matvec(params, current)
+        beta_j = hessenberg[j, jnp.maximum(j - 1, 0)]
+        q_next, column = lanczos_step(previous, current, beta_j, w0, j, column_size)
+    else:
+        w0 = matvec(params, lax.dynamic_index_in_dim(last, j - base, keepdims=False))
+        q_next, column = orthonormalise_window(last, base, w0, j, orth, column_size)
+    last = lax.dynamic_update_index_in_dim(last, q_next, j + 1 - base, 0)
     hessenberg = hessenberg.at[:, j].set(column)
     breakdown = column[j + 1] == 0
-    return Decomposition(basis, hessenberg, beta), breakdown
+    return Decomposition(chunks[:-1] + (last,), hessenberg, beta), breakdown
+
+
+def _row(chunks, j, orth, decomp):
+    """Basis row `j` for full orthogonalisation (`j` in the last chunk, or the last row
+    of the one before when the last chunk is new)."""
+    layout = chunk_layout(decomp, orth)
+    offset, _, _ = layout[-1]
+    last = chunks[-1]
+    in_last = lax.dynamic_index_in_dim(last, jnp.maximum(j - offset, 0), keepdims=False)
+    if len(chunks) == 1:
+        return in_last
+    before = chunks[-2][-1]
+    return jnp.where(j >= offset, in_last, before)
 
 
 def build(
@@ -202,15 +347,34 @@ def build(
     dim: jax.Array,
     max_dim: int,
     orth: Orthogonalisation,
+    buffer: jax.Array | None = None,
 ) -> Decomposition:
-    """Rebuild a decomposition of a known dimension (no error checks, no early exit
-    other than reaching `dim`). Used by the backward pass."""
-    decomp = start(vector, max_dim)
+    """Rebuild a one-chunk decomposition of a known dimension (no error checks, no
+    early exit other than reaching `dim`), into `buffer` if given. With the buffer of
+    the recording sweep it repeats that sweep's arithmetic exactly. Used by the
+    backward pass."""
+    decomp = start(vector, max_dim, buffer=buffer)
 
     def body(j, decomp):
         return step(matvec, params, decomp, j, orth)[0]
 
     return lax.fori_loop(0, dim, body, decomp)
+
+
+def weighted_sum(decomp: Decomposition, weights: jax.Array, orth: Orthogonalisation):
+    """`Σ_r weights[r] q_r` over the basis rows (`weights`: rows first, any trailing
+    shape), chunk by chunk."""
+    total = None
+    for (offset, skip, own), chunk in zip(
+        chunk_layout(decomp, orth), decomp.basis, strict=True
+    ):
+        part = weights[offset : offset + own]
+        if skip:
+            padding = jnp.zeros((skip,) + part.shape[1:], part.dtype)
+            part = jnp.concatenate([padding, part])
+        term = jnp.tensordot(part, chunk, axes=(0, 0))
+        total = term if total is None else total + term
+    return total
 
 
 def reverse_sweep(
@@ -224,36 +388,70 @@ def reverse_sweep(
     beta_bar: jax.Array,
     params_bar: Any,
 ):
-    """Adjoint of `dim` Arnoldi steps (Krämer et al., 2024): the steps are visited in
-    reverse, each one linearised at its stored inputs, so the cost is one VJP of the
-    matvec plus one projection per step and the memory is that of the basis.
+    """Adjoint of `dim` Arnoldi steps of a one-chunk decomposition (Krämer et al.,
+    2024): the steps are visited in reverse, each one linearised at its stored
+    inputs, so the cost is one VJP of the matvec plus one projection per step and the
+    memory is that of the basis.
 
     The matvec output of step `j` is not recomputed: it is read off the Arnoldi
     relation, `A q_j = sum_i H[i, j] q_i`.
 
     Returns the cotangent of the start vector and the accumulated parameter cotangent.
     """
-    basis, hessenberg, beta = decomp
+    basis = single(decomp)
+    _, hessenberg, beta = decomp
     m1 = basis.shape[0]
+    column_size = hessenberg.shape[0]
     rows = jnp.arange(m1)
 
     def body(k, carry):
-        basis_bar, params_bar = carry
+        basis_bar, hessenberg_bar, params_bar = carry
         j = dim - 1 - k
         outputs_bar = (basis_bar[j + 1], hessenberg_bar[:, j])
         if orth.window is None:
             column = jnp.where(rows <= j + 1, hessenberg[:, j], 0)
             w0 = column @ basis
-            _, orth_vjp = jax.vjp(lambda b, w: orthonormalise(b, w, j, orth), basis, w0)
+
+            def full_step(b, w):
+                return orthonormalise_full((b,), w, j, column_size)
+
+            _, orth_vjp = jax.vjp(full_step, basis, w0)
             b_bar, w0_bar = orth_vjp(outputs_bar)
             basis_bar = basis_bar + b_bar
+        elif is_lanczos(orth):
+            previous = basis[jnp.maximum(j - 1, 0)]
+            current = basis[j]
+            beta_j = hessenberg[j, jnp.maximum(j - 1, 0)]
+            w0 = (
+                jnp.where(j > 0, beta_j, 0) * previous
+                + hessenberg[j, j] * current
+                + hessenberg[j + 1, j] * basis[j + 1]
+            )
+            _, step_vjp = jax.vjp(
+                lambda p, c, b, w: lanczos_step(p, c, b, w, j, column_size),
+                previous,
+                current,
+                beta_j,
+                w0,
+            )
+            previous_bar, current_bar, beta_bar_j, w0_bar = step_vjp(outputs_bar)
+            basis_bar = basis_bar.at[jnp.maximum(j - 1, 0)].add(
+                jnp.where(j > 0, previous_bar, 0)
+            )
+            basis_bar = basis_bar.at[j].add(current_bar)
+            # β_j is h_{j,j-1}, an output of step j - 1: its cotangent joins that one.
+            hessenberg_bar = hessenberg_bar.at[j, jnp.maximum(j - 1, 0)].add(
+                jnp.where(j > 0, beta_bar_j, 0)
+            )
         else:
-            # Only the rows the step read get a cotangent: O(n) per Lanczos step.
-            used, index = window_rows(basis, j, orth)
+            # Only the rows the step read get a cotangent: O(n) per step.
+            used, index = window_rows(basis, 0, j, orth)
             coeffs = jnp.where(window_mask(index, j, orth), hessenberg[index, j], 0)
             w0 = coeffs @ used + hessenberg[j + 1, j] * basis[j + 1]
             _, orth_vjp = jax.vjp(
-                lambda r, w: orthonormalise_rows(r, index, w, j, orth, m1), used, w0
+                lambda r, w: _window_from_rows(r, index, w, j, orth, column_size),
+                used,
+                w0,
             )
             used_bar, w0_bar = orth_vjp(outputs_bar)
             basis_bar = basis_bar.at[index].add(used_bar)
@@ -261,9 +459,11 @@ def reverse_sweep(
         p_bar, q_bar = mv_vjp(w0_bar)
         basis_bar = basis_bar.at[j].add(q_bar)
         params_bar = jax.tree.map(jnp.add, params_bar, p_bar)
-        return basis_bar, params_bar
+        return basis_bar, hessenberg_bar, params_bar
 
-    basis_bar, params_bar = lax.fori_loop(0, dim, body, (basis_bar, params_bar))
+    basis_bar, _, params_bar = lax.fori_loop(
+        0, dim, body, (basis_bar, hessenberg_bar, params_bar)
+    )
 
     def first_vector(vector):
         beta = safe_norm(vector)
@@ -273,3 +473,11 @@ def reverse_sweep(
     _, start_vjp = jax.vjp(first_vector, vector)
     (vector_bar,) = start_vjp((basis_bar[0], beta_bar))
     return vector_bar, params_bar
+
+
+def _window_from_rows(rows, index, w0, j, orth, column_size):
+    mask = window_mask(index, j, orth)
+    c1, w = _project_out(rows, mask, w0)
+    c2, w = _project_out(rows, mask, w)
+    coeffs = jnp.zeros(column_size, w0.dtype).at[index].add(jnp.where(mask, c1 + c2, 0))
+    return _normalise(coeffs, w, j, _squared(c1 + c2))

@@ -38,6 +38,8 @@ from ._solution import RESULTS, Solution
 
 _DEFAULT_MAX_DIM = {"arnoldi": 64, "lanczos": 100}
 _MAX_REJECTIONS = 40
+# Bases up to this size grow in one buffer; larger ones in chunks of growing size.
+_ONE_BUFFER_BYTES = 2**20
 
 
 class AbstractKrylovAdjoint(eqx.Module):
@@ -365,7 +367,8 @@ def _while(cond, body, init, max_steps, direct):
 
 class _Substep(NamedTuple):
     value: Array  # the approximation at the end of the substep
-    decomp: arnoldi.Decomposition
+    hessenberg: Array  # (max_dim + 1, max_dim)
+    beta: Array
     dim: Array
     tau: Array  # signed step taken (differentiable through the end time)
     ends: Array  # whether it reaches the segment's end time
@@ -373,6 +376,21 @@ class _Substep(NamedTuple):
     rejections: Array
     next_try: Array  # suggested magnitude of the next step
     estimate: Array
+    basis: Any  # the basis buffer, when the substep grew in a given buffer
+    extra: Any  # what the `finish` hook returned, or None
+
+
+class _Growth(NamedTuple):
+    """The state of a growing Krylov space between error checks."""
+
+    dim: Array
+    met: Array  # the estimate meets the tolerance (at a trusted dimension)
+    broken: Array  # the space is invariant: no further vector
+    coeffs: Array  # first column of exp(tau H_ext) at the last check
+    err: Array
+    next_check: Array
+    last_dim: Array
+    last_log_ratio: Array
 
 
 def _next_check(dim, log_ratio, last_dim, last_log_ratio, max_dim):
@@ -394,104 +412,193 @@ def _next_check(dim, log_ratio, last_dim, last_log_ratio, max_dim):
     return jnp.minimum(jnp.where(usable, predicted, geometric), max_dim)
 
 
-def _substep(system, params, w, tau_try, remaining, tol_per_time, config: _Config):
+def _substep(
+    system,
+    params,
+    w,
+    tau_try,
+    remaining,
+    tol_per_time,
+    config: _Config,
+    buffer=None,
+    finish=None,
+    min_capacity=None,
+):
     """One adaptive substep from `w` (see `KrylovExpm`): grow the basis, then shrink
-    the step on the same basis until the error estimate meets the tolerance."""
+    the step on the same basis until the error estimate meets the tolerance.
+
+    The basis grows through buffers of increasing capacity (`arnoldi.row_buckets`,
+    8, 16, 32, ... rows), each entered only when the previous one is full and the
+    estimate still fails, so allocation and every read follow the dimension reached.
+    With `buffer`, the basis grows in that buffer instead (the recording sweep);
+    error checks are placed at the same dimensions either way, so both make the same
+    decisions. `finish(decomp, dim, tau, low, value)`, if given, runs on the final
+    decomposition (its basis capacity is static; `low` bounds `dim + 1` from below;
+    `value` is the approximation at `tau`) and its result is returned as `extra`.
+    The substep does not finish in a buffer of fewer than `min_capacity` rows: it
+    grows on (or, after a breakdown, moves up) to a large enough one.
+
+    A substep shrinks its step only in the last buffer: in the others it stops growing
+    only once the estimate is met (or the space is invariant, estimate 0).
+    """
     m = config.max_dim
-    decomp0 = arnoldi.start(w, m)
+    capacities = arnoldi.row_buckets(m + 1)
+    boundaries = jnp.asarray([c - 1 for c in capacities])
+    if buffer is None and (m + 1) * w.size * w.dtype.itemsize <= _ONE_BUFFER_BYTES:
+        # A small basis is cheapest in one buffer (one compiled loop).
+        buffer = jnp.zeros((m + 1,) + w.shape, w.dtype)
+        keep = False
+    else:
+        keep = buffer is not None
     sign = jnp.where(remaining < 0, -1.0, 1.0).astype(remaining.dtype)
     cap = lax.stop_gradient(jnp.abs(remaining))
     tau_abs = jnp.minimum(lax.stop_gradient(tau_try), cap)
+    if buffer is None:
+        decomp0 = arnoldi.start(w, m, rows=capacities[0])
+    else:
+        decomp0 = arnoldi.start(w, m, buffer=buffer)
     tol = lax.stop_gradient(tol_per_time(decomp0.beta))
 
-    def coefficients(decomp, dim, tau_abs):
-        coeffs = exp_coefficients(decomp.hessenberg, dim, sign * tau_abs)
+    def coefficients(decomp, dim, tau_abs, low):
+        coeffs = exp_coefficients(decomp.hessenberg, dim, sign * tau_abs, low)
         coeffs = lax.stop_gradient(coeffs)
         return coeffs, error_estimate(lax.stop_gradient(decomp), coeffs, dim)
 
-    def grow_cond(state):
-        return ~state[2]
+    def may_finish(limit):
+        return jnp.asarray(True) if min_capacity is None else limit + 1 >= min_capacity
 
-    def step_cond(state):
-        _, dim, breakdown, next_check = state
-        return (dim < next_check) & ~breakdown
+    def done(g: _Growth, limit):
+        return (g.met | g.broken | (g.dim >= m)) & may_finish(limit)
 
-    def step_body(state):
-        decomp, j, _, next_check = state
-        decomp, breakdown = arnoldi.step(system.matvec, params, decomp, j, config.orth)
-        return decomp, j + 1, breakdown, next_check
+    def grow(decomp, growth: _Growth, limit, low):
+        """Steps and checks until done or until the dimension reaches `limit`."""
 
-    def grow_body(state):
-        # Steps up to the next check in an inner loop, then one check: under `vmap`
-        # the small exponential then runs once per check, not once per step.
-        decomp, dim, _, coeffs, err, _, next_check, last_dim, last_log_ratio = state
-        decomp, dim, breakdown, _ = _while(
-            step_cond,
-            step_body,
-            (decomp, dim, jnp.asarray(False), next_check),
-            m,
-            config.direct,
+        def step_cond(state):
+            _, j, breakdown, target = state
+            return (j < target) & ~breakdown
+
+        def step_body(state):
+            decomp, j, _, target = state
+            decomp, breakdown = arnoldi.step(
+                system.matvec, params, decomp, j, config.orth, low
+            )
+            return decomp, j + 1, breakdown, target
+
+        def cond(state):
+            _, g = state
+            return ~done(g, limit) & (g.dim < limit) & ~g.broken
+
+        def body(state):
+            decomp, g = state
+            # Never check past the next capacity boundary (see the docstring).
+            boundary = boundaries[jnp.searchsorted(boundaries, g.dim + 1)]
+            target = jnp.minimum(jnp.minimum(g.next_check, boundary), limit)
+            decomp, dim, breakdown, _ = _while(
+                step_cond,
+                step_body,
+                (decomp, g.dim, jnp.asarray(False), target),
+                limit,
+                config.direct,
+            )
+            coeffs, err = coefficients(decomp, dim, tau_abs, low)
+            met = (err <= tau_abs * tol) & ((dim >= config.min_dim) | breakdown)
+            log_ratio = jnp.log(err) - jnp.log(tau_abs * tol)
+            next_check = _next_check(dim, log_ratio, g.last_dim, g.last_log_ratio, m)
+            next_check = jnp.maximum(next_check, config.min_dim)
+            g = _Growth(
+                dim=dim,
+                met=met,
+                broken=breakdown,
+                coeffs=coeffs,
+                err=err,
+                next_check=next_check,
+                last_dim=dim,
+                last_log_ratio=log_ratio,
+            )
+            return decomp, g
+
+        return _while(cond, body, (decomp, growth), limit, config.direct)
+
+    def shrink_and_finish(decomp, g: _Growth, low, last):
+        dim = g.dim
+
+        def shrink_cond(state):
+            return ~state[3] & (state[4] < _MAX_REJECTIONS)
+
+        def shrink_body(state):
+            tau_abs, _, err, _, count = state
+            ratio = err / (tau_abs * tol)
+            factor = jnp.clip(0.9 * ratio ** (-1.0 / dim), 0.1, 0.9)
+            factor = jnp.where(jnp.isfinite(factor), factor, 0.1)
+            tau_abs = tau_abs * factor
+            coeffs, err = coefficients(decomp, dim, tau_abs, low)
+            return tau_abs, coeffs, err, err <= tau_abs * tol, count + 1
+
+        shrink_init = (tau_abs, g.coeffs, g.err, g.met, jnp.asarray(0))
+        if last:
+            tau_shrunk, coeffs, err, accepted, rejections = _while(
+                shrink_cond, shrink_body, shrink_init, _MAX_REJECTIONS, config.direct
+            )
+        else:
+            tau_shrunk, coeffs, err, accepted, rejections = shrink_init
+        ends = (rejections == 0) & (tau_shrunk >= cap)
+        tau = jnp.where(ends, remaining, sign * tau_shrunk)
+        if config.direct:
+            # Differentiate through the end time: recompute with the traced step.
+            value = approximation(decomp, dim, tau, config.orth, config.corrected, low)
+        else:
+            value = combine(decomp, coeffs, dim, config.orth, config.corrected, low)
+        ratio = err / jnp.where(tau_shrunk * tol > 0, tau_shrunk * tol, 1)
+        growth = jnp.where(ratio > 0, 0.9 * ratio ** (-1.0 / dim), 10.0)
+        growth = jnp.clip(jnp.where(jnp.isfinite(growth), growth, 10.0), 1.0, 10.0)
+        next_try = jnp.maximum(
+            tau_shrunk * growth, jnp.where(rejections == 0, tau_try, 0)
         )
-        coeffs, err = coefficients(decomp, dim, tau_abs)
-        accepted = err <= tau_abs * tol
-        done = accepted | breakdown | (dim >= m)
-        log_ratio = jnp.log(err) - jnp.log(tau_abs * tol)
-        next_check = _next_check(dim, log_ratio, last_dim, last_log_ratio, m)
-        return (
+        return _Substep(
+            value=value,
+            hessenberg=decomp.hessenberg,
+            beta=decomp.beta,
+            dim=dim,
+            tau=tau,
+            ends=ends,
+            accepted=accepted,
+            rejections=rejections,
+            next_try=next_try,
+            estimate=err,
+            basis=arnoldi.single(decomp) if keep else None,
+            extra=None if finish is None else finish(decomp, dim, tau, low, value),
+        )
+
+    def level(i, decomp, g):
+        if buffer is not None:
+            return shrink_and_finish(*grow(decomp, g, m, 1), 1, True)
+        low = 1 if i == 0 else capacities[i - 1] + 1
+        decomp, g = grow(decomp, g, capacities[i] - 1, low)
+        if i == len(capacities) - 1:
+            return shrink_and_finish(decomp, g, low, True)
+        return lax.cond(
+            done(g, capacities[i] - 1),
+            lambda decomp, g: shrink_and_finish(decomp, g, low, False),
+            lambda decomp, g: level(
+                i + 1,
+                arnoldi.extend(decomp, capacities[i + 1] - capacities[i], config.orth),
+                g,
+            ),
             decomp,
-            dim,
-            done,
-            coeffs,
-            err,
-            accepted,
-            next_check,
-            dim,
-            log_ratio,
+            g,
         )
 
-    init = (
-        decomp0,
-        jnp.asarray(0),
-        jnp.asarray(False),
-        jnp.zeros(m + 1, w.dtype),
-        jnp.asarray(jnp.inf, cap.dtype),
-        jnp.asarray(False),
-        jnp.asarray(config.min_dim),
-        jnp.asarray(0),
-        jnp.asarray(jnp.inf, cap.dtype),
+    growth0 = _Growth(
+        dim=jnp.asarray(0),
+        met=jnp.asarray(False),
+        broken=jnp.asarray(False),
+        coeffs=jnp.zeros(m + 1, w.dtype),
+        err=jnp.asarray(jnp.inf, cap.dtype),
+        next_check=jnp.asarray(config.min_dim),
+        last_dim=jnp.asarray(0),
+        last_log_ratio=jnp.asarray(jnp.inf, cap.dtype),
     )
-    decomp, dim, _, coeffs, err, accepted, *_ = _while(
-        grow_cond, grow_body, init, m, config.direct
-    )
-
-    def shrink_cond(state):
-        return ~state[3] & (state[4] < _MAX_REJECTIONS)
-
-    def shrink_body(state):
-        tau_abs, _, err, _, count = state
-        ratio = err / (tau_abs * tol)
-        factor = jnp.clip(0.9 * ratio ** (-1.0 / dim), 0.1, 0.9)
-        factor = jnp.where(jnp.isfinite(factor), factor, 0.1)
-        tau_abs = tau_abs * factor
-        coeffs, err = coefficients(decomp, dim, tau_abs)
-        return tau_abs, coeffs, err, err <= tau_abs * tol, count + 1
-
-    shrink_init = (tau_abs, coeffs, err, accepted, jnp.asarray(0))
-    tau_abs, coeffs, err, accepted, rejections = _while(
-        shrink_cond, shrink_body, shrink_init, _MAX_REJECTIONS, config.direct
-    )
-    ends = (rejections == 0) & (tau_abs >= cap)
-    tau = jnp.where(ends, remaining, sign * tau_abs)
-    if config.direct:
-        # Differentiate through the end time: recompute with the traced step.
-        value = approximation(decomp, dim, tau, config.corrected)
-    else:
-        value = combine(decomp, coeffs, dim, config.corrected)
-    ratio = err / jnp.where(tau_abs * tol > 0, tau_abs * tol, 1)
-    growth = jnp.where(ratio > 0, 0.9 * ratio ** (-1.0 / dim), 10.0)
-    growth = jnp.clip(jnp.where(jnp.isfinite(growth), growth, 10.0), 1.0, 10.0)
-    next_try = jnp.maximum(tau_abs * growth, jnp.where(rejections == 0, tau_try, 0))
-    return _Substep(value, decomp, dim, tau, ends, accepted, rejections, next_try, err)
+    return level(0, decomp0, growth0)
 
 
 # Substep starts kept for the backward pass; see `_store_checkpoint`.
@@ -511,15 +618,21 @@ def _max_stride(config: _Config) -> int:
 
 class _Record(NamedTuple):
     """What the forward sweep keeps for the backward pass: the start vectors of every
-    `stride`-th substep, each substep's step size, output segment and whether it
-    ends the segment, and the last substep's decomposition."""
+    `stride`-th substep, each substep's start time and step size, the outputs it
+    covered (`first` to `last`, exclusive) and whether it ends at the final time, and
+    the last substep's decomposition (its basis in `basis`, the buffer every recorded
+    substep grows in)."""
 
     checkpoints: Array  # (slots, n)
     stride: Array
+    starts: Array
     taus: Array
-    segments: Array
+    first: Array
+    last: Array
     ends: Array
-    last: arnoldi.Decomposition
+    basis: Array  # (max_dim + 1, n)
+    hessenberg: Array
+    beta: Array
 
 
 def _store_checkpoint(rec: _Record, index, start) -> _Record:
@@ -556,29 +669,42 @@ class _Carry(NamedTuple):
     error: Array
     failed: Array
     record: Any  # a `_Record`, or None
-    visited: Any  # accumulator of `visit`, or None
+    visited: Any  # accumulator of the `finish` hook's results, or None
 
 
 def _loop(
-    params, vector, times, system, config: _Config, record: bool, visit=None, acc=None
+    params,
+    vector,
+    times,
+    system,
+    config: _Config,
+    record: bool,
+    visit=None,
+    acc=None,
+    min_capacity=None,
 ):
     """The adaptive sweep over the output times (see `_sweep`). Under `vmap` it runs
     sequentially over the batch (`jax.custom_batching.sequential_vmap`): batching the
-    adaptive loops themselves would turn every size bucket and every conditional
+    adaptive loops themselves would turn every capacity level and every conditional
     error check into a select that runs all branches, about 100× slower. Not with
     `DirectAdjoint`, whose loops JAX must differentiate."""
 
-    def run(params, vector, times, acc):
-        return _sweep(params, vector, times, system, config, record, visit, acc)
+    def run(params, vector, times, acc, min_capacity):
+        return _sweep(
+            params, vector, times, system, config, record, visit, acc, min_capacity
+        )
 
     if not config.direct:
         run = jax.custom_batching.sequential_vmap(run)
-    return run(params, vector, times, acc)
+    return run(params, vector, times, acc, min_capacity)
 
 
-def _sweep(params, vector, times, system, config: _Config, record, visit, acc):
-    """`visit(acc, time, substep)`, if given, is called on every substep with its
-    start time and folds into `acc`."""
+def _sweep(
+    params, vector, times, system, config: _Config, record, visit, acc, min_capacity
+):
+    """`visit(time, decomp, dim, tau)`, if given, runs on every substep's final
+    decomposition (`time`: the substep's start) and its results are summed into
+    `acc`; substeps skip basis buffers of fewer than `min_capacity` rows."""
     num_times = times.shape[0]
     n = vector.shape[0]
     real = times.dtype
@@ -596,13 +722,18 @@ def _sweep(params, vector, times, system, config: _Config, record, visit, acc):
     valid = monotone & finite
 
     if record:
+        start = arnoldi.start(vector, config.max_dim)
         rec = _Record(
             checkpoints=jnp.zeros((_checkpoint_slots(config), n), vector.dtype),
             stride=jnp.asarray(1),
+            starts=jnp.zeros(config.max_substeps, real),
             taus=jnp.zeros(config.max_substeps, real),
-            segments=jnp.zeros(config.max_substeps, jnp.int32),
+            first=jnp.zeros(config.max_substeps, jnp.int32),
+            last=jnp.zeros(config.max_substeps, jnp.int32),
             ends=jnp.zeros(config.max_substeps, bool),
-            last=arnoldi.start(vector, config.max_dim),
+            basis=arnoldi.single(start),
+            hessenberg=start.hessenberg,
+            beta=start.beta,
         )
     else:
         rec = None
@@ -628,28 +759,78 @@ def _sweep(params, vector, times, system, config: _Config, record, visit, acc):
         return (c.segment < num_times) & (c.num_substeps < config.max_substeps)
 
     def body(c: _Carry):
-        target = times[c.segment]
+        # A substep aims at the final time; every output time it passes is evaluated
+        # from its basis (a small exponential and a combination each, with its own
+        # error estimate), so a time grid costs no extra Krylov spaces.
+        target = times[num_times - 1]
         remaining = target - c.time
-        sub = _substep(system, params, c.w, c.tau_try, remaining, tol_per_time, config)
-        w_new = sub.value
-        outputs = jnp.where(sub.ends, c.outputs.at[c.segment].set(w_new), c.outputs)
+
+        def finish(decomp, dim, tau, low, value):
+            ends = tau == remaining
+
+            def covered(state):
+                segment, _, _ = state
+                inside = jnp.abs(times[segment] - c.time) <= jnp.abs(tau)
+                end_point = ends & (segment == num_times - 1)
+                return (segment < num_times) & inside & ~end_point
+
+            def evaluate(state):
+                segment, outputs, ok = state
+                sigma = times[segment] - c.time
+                coeffs = exp_coefficients(decomp.hessenberg, dim, sigma, low)
+                estimate = error_estimate(decomp, coeffs, dim)
+                tol = tol_per_time(decomp.beta) * jnp.abs(sigma)
+                out = combine(decomp, coeffs, dim, config.orth, config.corrected, low)
+                ok = ok & (lax.stop_gradient(estimate) <= tol)
+                return segment + 1, outputs.at[segment].set(out), ok
+
+            segment, outputs, ok = _while(
+                covered,
+                evaluate,
+                (c.segment, c.outputs, jnp.asarray(True)),
+                num_times,
+                config.direct,
+            )
+            outputs = jnp.where(ends, outputs.at[num_times - 1].set(value), outputs)
+            segment = jnp.where(ends, num_times, segment)
+            visited = None if visit is None else visit(c.time, decomp, dim, tau)
+            return segment, outputs, ok, visited
+
+        sub = _substep(
+            system,
+            params,
+            c.w,
+            c.tau_try,
+            remaining,
+            tol_per_time,
+            config,
+            buffer=None if c.record is None else c.record.basis,
+            finish=finish,
+            min_capacity=min_capacity,
+        )
+        segment, outputs, interior_ok, increment = sub.extra
         if record:
-            r = _store_checkpoint(c.record, c.num_substeps, c.w)
-            rec = _Record(
-                checkpoints=r.checkpoints,
-                stride=r.stride,
-                taus=r.taus.at[c.num_substeps].set(lax.stop_gradient(sub.tau)),
-                segments=r.segments.at[c.num_substeps].set(c.segment),
-                ends=r.ends.at[c.num_substeps].set(sub.ends),
-                last=sub.decomp,
+            index = c.num_substeps
+            r = _store_checkpoint(c.record, index, c.w)
+            rec = r._replace(
+                starts=r.starts.at[index].set(lax.stop_gradient(c.time)),
+                taus=r.taus.at[index].set(lax.stop_gradient(sub.tau)),
+                first=r.first.at[index].set(c.segment),
+                last=r.last.at[index].set(segment),
+                ends=r.ends.at[index].set(sub.ends),
+                basis=sub.basis,
+                hessenberg=sub.hessenberg,
+                beta=sub.beta,
             )
         else:
             rec = None
-        visited = None if visit is None else visit(c.visited, c.time, sub)
+        visited = c.visited
+        if visit is not None:
+            visited = jtu.tree_map(jnp.add, c.visited, increment)
         return _Carry(
-            segment=c.segment + sub.ends.astype(c.segment.dtype),
+            segment=segment,
             time=jnp.where(sub.ends, target, c.time + sub.tau),
-            w=w_new,
+            w=sub.value,
             tau_try=sub.next_try,
             outputs=outputs,
             num_substeps=c.num_substeps + 1,
@@ -657,7 +838,7 @@ def _sweep(params, vector, times, system, config: _Config, record, visit, acc):
             num_rejected=c.num_rejected + sub.rejections,
             dims=c.dims.at[c.num_substeps].set(sub.dim),
             error=c.error + sub.estimate,
-            failed=c.failed | ~sub.accepted,
+            failed=c.failed | ~sub.accepted | ~interior_ok,
             record=rec,
             visited=visited,
         )
@@ -718,12 +899,21 @@ def _evaluate_bwd(residuals, grad_obj, perturbed, primals, system, config):
     if outputs_bar is None:
         outputs_bar = jnp.zeros((times.shape[0], vector.shape[0]), vector.dtype)
     want_params = any(jtu.tree_leaves(perturbed[0]))
+    want_times = any(jtu.tree_leaves(perturbed[2]))
 
     # Sequential under `vmap`, for the reason given in `_loop`.
     @jax.custom_batching.sequential_vmap
     def backward(params, vector, times, residuals, outputs_bar):
         return _backward(
-            params, vector, times, residuals, outputs_bar, system, config, want_params
+            params,
+            vector,
+            times,
+            residuals,
+            outputs_bar,
+            system,
+            config,
+            want_params,
+            want_times,
         )
 
     grads = backward(params, vector, times, residuals, outputs_bar)
@@ -733,17 +923,25 @@ def _evaluate_bwd(residuals, grad_obj, perturbed, primals, system, config):
 
 
 def _backward(
-    params, vector, times, residuals, outputs_bar, system, config, want_params
+    params,
+    vector,
+    times,
+    residuals,
+    outputs_bar,
+    system,
+    config,
+    want_params,
+    want_times,
 ):
     rec, dims, num_substeps = residuals
-    taus, segments, ends = rec.taus, rec.segments, rec.ends
+    num_times = times.shape[0]
     params_bar = jtu.tree_map(jnp.zeros_like, params)
     times_bar = jnp.zeros_like(times)
     w_bar = jnp.zeros_like(vector)
 
-    def rebuild(start, s):
+    def rebuild(start, s, buffer=None):
         return arnoldi.build(
-            system.matvec, params, start, dims[s], config.max_dim, config.orth
+            system.matvec, params, start, dims[s], config.max_dim, config.orth, buffer
         )
 
     def substep_start(k, s, starts):
@@ -759,7 +957,11 @@ def _backward(
                 starts, w = carry
                 decomp = rebuild(w, first + i)
                 w = approximation(
-                    decomp, dims[first + i], taus[first + i], config.corrected
+                    decomp,
+                    dims[first + i],
+                    rec.taus[first + i],
+                    config.orth,
+                    config.corrected,
                 )
                 return starts.at[i + 1].set(w), w
 
@@ -772,37 +974,121 @@ def _backward(
         return starts[s - first], starts
 
     def body(k, carry):
-        w_bar, params_bar, times_bar, starts = carry
+        w_bar, params_bar, times_bar, starts, basis = carry
         s = num_substeps - 1 - k
-        seg = segments[s]
-        w_bar = w_bar + jnp.where(ends[s], outputs_bar[seg], 0)
-        dim = dims[s]
+        dim, tau, time0 = dims[s], rec.taus[s], rec.starts[s]
+        first, last = rec.first[s], rec.last[s]
         start, starts = substep_start(k, s, starts)
         # The last substep's basis is kept from the forward pass; earlier ones are
-        # rebuilt from their start vectors (memory O(n max_krylov_dim)).
-        decomp = lax.cond(k == 0, lambda: rec.last, lambda: rebuild(start, s))
+        # rebuilt in the same buffer from their start vectors.
+        decomp = lax.cond(
+            k == 0,
+            lambda basis: arnoldi.Decomposition((basis,), rec.hessenberg, rec.beta),
+            lambda basis: rebuild(start, s, basis),
+            basis,
+        )
 
-        def substep_value(basis, hessenberg, beta, tau):
-            decomp = arnoldi.Decomposition(basis, hessenberg, beta)
-            return approximation(decomp, dim, tau, config.corrected)
+        def value_at(sigma, basis, hessenberg, beta):
+            decomp = arnoldi.Decomposition((basis,), hessenberg, beta)
+            return approximation(decomp, dim, sigma, config.orth, config.corrected)
+
+        def output_bar(j):
+            """The cotangent of output `j` if this substep covered it, else 0."""
+            mine = (j >= first) & (j < last)
+            return jnp.where(mine, outputs_bar[jnp.clip(j, 0, num_times - 1)], 0)
+
+        def offset(j):
+            return times[jnp.clip(j, 0, num_times - 1)] - time0
+
+        # Outputs at the substep's end join the cotangent of its end value; the others
+        # enter the adjoint where they were taken (visited from the end backwards).
+        def at_end(j):
+            return rec.ends[s] & (j == num_times - 1) | (offset(j) == tau)
+
+        end_bar = w_bar
+        for_end = jnp.arange(num_times)
+        end_mask = (for_end >= first) & (for_end < last) & jax.vmap(at_end)(for_end)
+        end_bar = end_bar + jnp.sum(
+            jnp.where(end_mask[:, None], outputs_bar, 0), axis=0
+        )
+        single = arnoldi.single(decomp)
+
+        if want_times:
+            # Output j moves with t_j alone: d u(σ_j) / d t_j = A u(σ_j).
+            def add_time_bar(j, times_bar):
+                _, rate = jax.jvp(
+                    lambda sigma: value_at(
+                        sigma, single, decomp.hessenberg, decomp.beta
+                    ),
+                    (offset(j),),
+                    (jnp.ones_like(tau),),
+                )
+                return times_bar.at[j].add(jnp.real(jnp.vdot(output_bar(j), rate)))
+
+            times_bar = lax.fori_loop(first, last, add_time_bar, times_bar)
 
         if config.solution_adjoint:
-            _, tau_vjp = jax.vjp(lambda tau: substep_value(*decomp, tau), taus[s])
-            (tau_bar,) = tau_vjp(w_bar)
-            start_bar, params_bar = _solution_adjoint(
-                system,
-                params,
-                decomp,
-                dim,
-                taus[s],
-                w_bar,
-                params_bar,
-                config,
-                want_params,
+            # From the end back to the first interior output with a nonzero
+            # cotangent, then on to the next, ..., and finally to the start.
+            def segment_cond(state):
+                j, _, _, _ = state
+                return j >= first - 1
+
+            def segment_body(state):
+                j, lam, params_bar, position = state
+                ubar = output_bar(j)
+                inject = (j >= first) & ~at_end(j) & jnp.any(ubar != 0)
+                stop = jnp.where(j >= first, offset(j), jnp.zeros_like(tau))
+                run = inject | (j == first - 1)
+
+                def advance(lam, params_bar):
+                    return _solution_adjoint(
+                        system,
+                        params,
+                        decomp,
+                        dim,
+                        position,
+                        position - stop,
+                        lam,
+                        params_bar,
+                        config,
+                        want_params,
+                    )
+
+                lam, params_bar = lax.cond(
+                    run,
+                    advance,
+                    lambda lam, params_bar: (lam, params_bar),
+                    lam,
+                    params_bar,
+                )
+                lam = lam + jnp.where(inject, ubar, 0)
+                position = jnp.where(run, stop, position)
+                return j - 1, lam, params_bar, position
+
+            _, start_bar, params_bar, _ = lax.while_loop(
+                segment_cond,
+                segment_body,
+                (last - 1, end_bar, params_bar, tau),
             )
         else:
-            _, combine_vjp = jax.vjp(substep_value, *decomp, taus[s])
-            basis_bar, hessenberg_bar, beta_bar, tau_bar = combine_vjp(w_bar)
+
+            def cotangents(j, acc):
+                ubar = output_bar(j)
+                _, vjp = jax.vjp(
+                    lambda *d: value_at(offset(j), *d),
+                    single,
+                    decomp.hessenberg,
+                    decomp.beta,
+                )
+                bars = vjp(jnp.where(at_end(j), 0, ubar))
+                return jtu.tree_map(jnp.add, acc, bars)
+
+            _, vjp = jax.vjp(
+                lambda *d: value_at(tau, *d), single, decomp.hessenberg, decomp.beta
+            )
+            bars = lax.fori_loop(first, last, cotangents, vjp(end_bar))
+            basis_bar, hessenberg_bar, beta_bar = bars
             start_bar, params_bar = arnoldi.reverse_sweep(
                 system.matvec,
                 params,
@@ -814,12 +1100,7 @@ def _backward(
                 beta_bar,
                 params_bar,
             )
-        tau_bar = jnp.where(ends[s], tau_bar, 0)
-        times_bar = times_bar.at[seg].add(tau_bar)
-        times_bar = times_bar.at[jnp.maximum(seg - 1, 0)].add(
-            jnp.where(seg > 0, -tau_bar, 0)
-        )
-        return start_bar, params_bar, times_bar, starts
+        return start_bar, params_bar, times_bar, starts, single
 
     max_stride = _max_stride(config)
     starts = (
@@ -827,8 +1108,8 @@ def _backward(
         if max_stride == 1
         else jnp.zeros((max_stride,) + vector.shape, vector.dtype)
     )
-    w_bar, params_bar, times_bar, _ = lax.fori_loop(
-        0, num_substeps, body, (w_bar, params_bar, times_bar, starts)
+    w_bar, params_bar, times_bar, _, _ = lax.fori_loop(
+        0, num_substeps, body, (w_bar, params_bar, times_bar, starts, rec.basis)
     )
     return params_bar, w_bar, times_bar
 
@@ -847,8 +1128,10 @@ class _TransposedSystem(eqx.Module):
 _VJP_CHUNK = 8
 
 
-def _matvec_vjp_sum(system, params, rows, cotangents, count):
-    """`∂θ Σ_{b < count} ⟨cotangents_b, A(θ) rows_b⟩`.
+def _matvec_vjp_sum(system, params, rows, weights, others, orth, count):
+    """`∂θ Σ_{b < count} ⟨c_b, A(θ) rows_b⟩` with the cotangents `c_b = Σ_a
+    weights[a, b] q_a` over the basis `others` (a decomposition whose basis is
+    orthogonalised by `orth`), formed `_VJP_CHUNK` at a time.
 
     The VJPs of the matvec are batched `_VJP_CHUNK` rows at a time in a loop that
     stops at `count`: one batch of all rows makes XLA fuse a stencil into a reduction
@@ -861,24 +1144,36 @@ def _matvec_vjp_sum(system, params, rows, cotangents, count):
     def body(i, total):
         first = i * chunk
         start = jnp.minimum(first, size - chunk)  # the last chunk may overlap
-        fresh = (start + jnp.arange(chunk) >= first)[:, None]
+        fresh = start + jnp.arange(chunk) >= first
         chunk_rows = lax.dynamic_slice_in_dim(rows, start, chunk)
-        chunk_cotangents = lax.dynamic_slice_in_dim(cotangents, start, chunk)
-        chunk_cotangents = jnp.where(fresh, chunk_cotangents, 0)
+        chunk_weights = lax.dynamic_slice_in_dim(weights, start, chunk, axis=1)
+        chunk_weights = jnp.where(fresh[None, :], chunk_weights, 0)
+        cotangents = arnoldi.weighted_sum(others, chunk_weights, orth)
         _, vjp = jax.vjp(
             lambda p: jax.vmap(lambda q: system.matvec(p, q))(chunk_rows), params
         )
-        return jtu.tree_map(jnp.add, total, vjp(chunk_cotangents)[0])
+        return jtu.tree_map(jnp.add, total, vjp(cotangents)[0])
 
     num_chunks = (count + chunk - 1) // chunk
     return lax.fori_loop(0, num_chunks, body, jtu.tree_map(jnp.zeros_like, params))
 
 
 def _solution_adjoint(
-    system, params, decomp, dim, tau, w_bar, params_bar, config: _Config, want_params
+    system,
+    params,
+    decomp,
+    dim,
+    position,
+    length,
+    w_bar,
+    params_bar,
+    config: _Config,
+    want_params,
 ):
     """Cotangents of one substep `w ↦ u(tau) = exp(tau A(θ)) w` as the adjoint of the
-    exact solution.
+    exact solution, over the part `[position - length, position]` of the substep
+    (`w_bar`: the cotangent at `position`; the result: the one at `position - length`
+    and the accumulated parameter cotangent).
 
     With `λ(s) = exp((tau - s)Aᵀ) w̄` and `u(s) = exp(sA) w`,
 
@@ -888,9 +1183,9 @@ def _solution_adjoint(
     each of its substeps `λ(s) = Z z(s)` and `u(s) = Q y(s)` (the forward basis), so
     the integral is `∂θ Σ_b ⟨c_b, A(θ) q_b⟩` with `c_b = Σ_a G[a, b] z_a` and `G` the
     exact integral of `z(s) y(s)ᵀ` (`exp_gram`): VJPs of the matvec over the
-    forward basis (`_matvec_vjp_sum`). Both factors are solutions, smooth where the
-    true ones are, so rough parameter directions are damped as they are by
-    `exp(tau A)`.
+    forward basis (`_matvec_vjp_sum`), done while the adjoint substep's basis is at
+    hand. Both factors are solutions, smooth where the true ones are, so rough
+    parameter directions are damped as they are by `exp(tau A)`.
     """
     orth = config.orth if config.orth.head == 0 else arnoldi.FULL
     inner = config._replace(orth=orth, solution_adjoint=False, direct=False)
@@ -898,40 +1193,36 @@ def _solution_adjoint(
     m1 = forward.shape[0]
     forward_mask = coefficient_mask(m1, dim, config.corrected)
 
-    def visit(params_bar, time, sub: _Substep):
-        # This adjoint substep covers s from tau - time back to tau - time - sub.tau.
-        near = tau - time - sub.tau
-        y_near = decomp.beta * exp_coefficients(decomp.hessenberg, dim, near)
-        adjoint = extended_hessenberg(sub.decomp.hessenberg, sub.dim)
-        gram = exp_gram(adjoint, sub.dim, forward, dim, y_near, sub.tau)
-        adjoint_mask = coefficient_mask(m1, sub.dim, inner.corrected)
-        gram = jnp.where(adjoint_mask[:, None] & forward_mask[None, :], gram, 0)
-        gram = gram * sub.decomp.beta.astype(gram.dtype)
-
-        def branch(b):
-            def accumulate(params, forward_basis, adjoint_basis, gram):
-                cotangents = gram[:b, :b].T @ adjoint_basis[:b]
-                return _matvec_vjp_sum(
-                    system, params, forward_basis[:b], cotangents, dim + 1
-                )
-
-            return accumulate
-
-        needed = jnp.maximum(dim, sub.dim) + 1
-        increment = arnoldi.bucket_switch(
-            needed, m1, branch, params, decomp.basis, sub.decomp.basis, gram, ratio=1.5
+    def visit(time, adjoint, adjoint_dim, adjoint_tau):
+        # This adjoint substep covers s from position - time back by its own tau.
+        # A chunked basis holds both dimensions (`min_capacity` below), so the small
+        # exponentials take its static capacity; a one-buffer basis is bucketed.
+        size = arnoldi.capacity(adjoint, inner.orth)
+        low = 1 if len(adjoint.basis) == 1 else size
+        near = position - time - adjoint_tau
+        y_near = exp_coefficients(decomp.hessenberg, dim, near, low=low)
+        y_near = decomp.beta * y_near
+        extended = extended_hessenberg(adjoint.hessenberg, adjoint_dim)
+        gram = exp_gram(
+            extended, adjoint_dim, forward, dim, y_near, adjoint_tau, low=low
         )
-        return jtu.tree_map(jnp.add, params_bar, increment)
+        adjoint_mask = coefficient_mask(m1, adjoint_dim, inner.corrected)
+        gram = jnp.where(adjoint_mask[:, None] & forward_mask[None, :], gram, 0)
+        gram = gram * adjoint.beta.astype(gram.dtype)
+        return _matvec_vjp_sum(
+            system, params, arnoldi.single(decomp), gram, adjoint, inner.orth, dim + 1
+        )
 
     final, _, _ = _loop(
         params,
         w_bar,
-        jnp.reshape(tau, (1,)),
+        jnp.reshape(length, (1,)),
         _TransposedSystem(system),
         inner,
         False,
         visit if want_params else None,
         params_bar if want_params else None,
+        min_capacity=dim + 1 if want_params else None,
     )
     return final.outputs[0], (final.visited if want_params else params_bar)
 

@@ -19,7 +19,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
 
-from ._arnoldi import Decomposition, bucket_switch
+from ._arnoldi import Decomposition, Orthogonalisation, bucket_switch, weighted_sum
 
 
 # Taylor polynomial of degree 18, evaluated by Paterson–Stockmeyer in powers of A^4.
@@ -98,10 +98,14 @@ def extended_hessenberg(hessenberg: jax.Array, dim: jax.Array) -> jax.Array:
     return jnp.zeros((m1, m1), hessenberg.dtype).at[:, :m].set(masked)
 
 
-def exp_coefficients(hessenberg: jax.Array, dim: jax.Array, tau: jax.Array):
+def exp_coefficients(
+    hessenberg: jax.Array, dim: jax.Array, tau: jax.Array, low: int = 1
+) -> jax.Array:
     """First column of `exp(tau H_ext)` for Krylov dimension `dim`, padded to `m + 1`.
 
-    Entries past `dim` are zero; entry `dim` is the error-estimate term.
+    Entries past `dim` are zero; entry `dim` is the error-estimate term. The
+    exponential is taken at the smallest bucket holding `dim + 1` rows (O(b³) work);
+    `low` is a static lower bound on `dim + 1`.
     """
     m1, _ = hessenberg.shape
     extended = extended_hessenberg(hessenberg, dim)
@@ -114,8 +118,7 @@ def exp_coefficients(hessenberg: jax.Array, dim: jax.Array, tau: jax.Array):
 
         return first_column
 
-    # Small exponentials cost O(b^3): finer buckets than for the O(n b) projections.
-    return bucket_switch(dim + 1, m1, branch, extended, ratio=2.0)
+    return bucket_switch(dim + 1, m1, branch, extended, low=low)
 
 
 def error_estimate(decomp: Decomposition, coeffs: jax.Array, dim: jax.Array):
@@ -125,21 +128,44 @@ def error_estimate(decomp: Decomposition, coeffs: jax.Array, dim: jax.Array):
 
 
 def combine(
-    decomp: Decomposition, coeffs: jax.Array, dim: jax.Array, corrected: bool = True
+    decomp: Decomposition,
+    coeffs: jax.Array,
+    dim: jax.Array,
+    orth: Orthogonalisation,
+    corrected: bool = True,
+    low: int = 1,
 ) -> jax.Array:
     """The corrected approximation `beta Q_{k+1} exp(tau H_ext) e_1`, or with
-    `corrected=False` the plain one, `beta Q_k exp(tau H_k) e_1`."""
-    rows = jnp.arange(coeffs.shape[0])
-    coeffs = jnp.where(rows <= dim if corrected else rows < dim, coeffs, 0)
-    return decomp.beta.astype(coeffs.dtype) * (coeffs @ decomp.basis)
+    `corrected=False` the plain one, `beta Q_k exp(tau H_k) e_1`. A one-chunk basis is
+    read up to the smallest bucket holding `dim + 1` rows (`low`: a static lower
+    bound on `dim + 1`); a chunked one chunk by chunk."""
+    coeffs = jnp.where(coefficient_mask(coeffs.shape[0], dim, corrected), coeffs, 0)
+    beta = decomp.beta.astype(coeffs.dtype)
+    if len(decomp.basis) > 1:
+        return beta * weighted_sum(decomp, coeffs, orth)
+    (chunk,) = decomp.basis
+    size = chunk.shape[0]
+
+    def branch(b):
+        def weighted(coeffs, chunk):
+            return beta * (coeffs[:b] @ chunk[:b])
+
+        return weighted
+
+    return bucket_switch(dim + 1, size, branch, coeffs[:size], chunk, low=low)
 
 
 def approximation(
-    decomp: Decomposition, dim: jax.Array, tau: jax.Array, corrected: bool = True
+    decomp: Decomposition,
+    dim: jax.Array,
+    tau: jax.Array,
+    orth: Orthogonalisation,
+    corrected: bool = True,
+    low: int = 1,
 ) -> jax.Array:
     """The Krylov approximation of `exp(tau A) v` for dimension `dim`."""
-    coeffs = exp_coefficients(decomp.hessenberg, dim, tau)
-    return combine(decomp, coeffs, dim, corrected)
+    coeffs = exp_coefficients(decomp.hessenberg, dim, tau, low)
+    return combine(decomp, coeffs, dim, orth, corrected, low)
 
 
 def coefficient_mask(size: int, dim: jax.Array, corrected: bool) -> jax.Array:
@@ -155,6 +181,7 @@ def exp_gram(
     forward_dim: jax.Array,
     forward_start: jax.Array,
     tau: jax.Array,
+    low: int = 1,
 ) -> jax.Array:
     """`G = ∫_0^tau exp((tau - r) F̃) e_1 y_0^T exp(r F^T) dr` for the extended
     Hessenberg matrices `F̃ = adjoint` and `F = forward` (dimensions `adjoint_dim`,
@@ -165,7 +192,8 @@ def exp_gram(
     `b`) in the integral of the product of the two projected solutions. It is the
     upper right block of the exponential of the block triangular matrix
     `tau [[F̃, e_1 y_0^T], [0, F^T]]` (Van Loan 1978, `expm_corner`), computed at the
-    smallest bucket that holds both dimensions. The coupling block is normalised
+    smallest bucket that holds both dimensions (`low`: a static lower bound on the
+    larger dimension plus one). The coupling block is normalised
     first (G is linear in it), so that it does not inflate the scaling-and-squaring
     norm.
     """
@@ -185,5 +213,5 @@ def exp_gram(
         return gram
 
     needed = jnp.maximum(adjoint_dim, forward_dim) + 1
-    gram = bucket_switch(needed, m1, branch, adjoint, forward, unit, ratio=1.5)
+    gram = bucket_switch(needed, m1, branch, adjoint, forward, unit, low=low)
     return gram * scale.astype(gram.dtype)
