@@ -14,7 +14,11 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
-jax.config.update("jax_enable_x64", True)
+# Double precision, as the references need, unless KRYLOVEXP_TEST_X64=0: then JAX's
+# default single precision, as a user who never enables x64 gets it (test_float32.py
+# is written for that run; test_float32_run.py starts it in a subprocess).
+X64 = os.environ.get("KRYLOVEXP_TEST_X64", "1") != "0"
+jax.config.update("jax_enable_x64", X64)
 
 
 # Every XLA:CPU executable keeps its compiled kernels in memory mappings of its own, and

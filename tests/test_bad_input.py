@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import krylovexp as kx
+from support.operators import laplacian_1d
 
 
 A = jnp.asarray(np.diag(np.linspace(-2.0, 0.0, 6)) + np.diag(np.ones(5), 1))
@@ -110,11 +111,7 @@ def test_nonmonotone_times():
 
 def test_substep_budget_exhausted():
     n = 50
-    lap = (
-        np.diag(-2.0 * np.ones(n))
-        + np.diag(np.ones(n - 1), 1)
-        + np.diag(np.ones(n - 1), -1)
-    ) * 1e4
+    lap = laplacian_1d(n, 1e4)
     op = lx.MatrixLinearOperator(jnp.asarray(lap), lx.symmetric_tag)
     quiet = kx.KrylovExpm(max_krylov_dim=4, max_substeps=3, throw=False)
     sol = solve(quiet, op, jnp.ones(n), 1.0)
