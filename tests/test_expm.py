@@ -136,21 +136,6 @@ def test_phimv_symmetric_lanczos_and_time_grid():
             assert rel_err(out[i], ref) < 1e-8, (method, t)
 
 
-def test_phimv_complex():
-    """Complex operator and complex vectors, Arnoldi, a time grid."""
-    matrix = NONNORMAL + 1j * random_hermitian(N, 6)
-    rng = np.random.default_rng(7)
-    vectors = tuple(
-        jnp.asarray(rng.standard_normal(N) + 1j * rng.standard_normal(N))
-        for _ in range(3)
-    )
-    times = jnp.array([0.3, 0.9])
-    sol = phimv_solution(kx.KrylovExpm(rtol=1e-10), jnp.asarray(matrix), vectors, times)
-    assert sol.value.dtype == jnp.complex128
-    for i, t in enumerate(np.asarray(times)):
-        assert rel_err(sol.value[i], phi_ref(matrix, vectors, t)) < 1e-9, t
-
-
 def test_lanczos_forced_on_nonnormal_operator():
     """`method="lanczos"` on a non-normal operator is the incomplete orthogonalisation
     of KIOPS (window 2): the basis is not orthonormal, but the a-posteriori estimate

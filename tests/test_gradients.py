@@ -459,29 +459,21 @@ def test_vmap_of_grad_and_float32():
 
 
 def test_vmap_with_direct_adjoint():
-    """`DirectAdjoint` batches its loops with plain `vmap` (no sequential map): values
-    over a batch of vectors and operator scales, and per-member gradients."""
+    """`DirectAdjoint` batches its loops with plain `vmap` (no sequential map, so
+    every member runs until the slowest is done): values over a batch of vectors and
+    operator scales whose members need different numbers of Krylov steps."""
     vs = jnp.stack([V, V[::-1], jnp.cos(V)])
-    scales = jnp.array([0.5, 1.0, 2.0])
+    scales = jnp.array([0.1, 1.0, 4.0])
 
-    def krylov(s, v):
+    @jax.jit
+    @jax.vmap
+    def batched(s, v):
         return kx.expmv(s * A, v, 0.9, adjoint=kx.DirectAdjoint(), rtol=1e-12)
 
-    def loss(s, v):
-        return jnp.sum(jnp.sin(krylov(s, v)))
-
-    values = jax.jit(jax.vmap(krylov))(scales, vs)
-    grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(scales, vs)
+    values = batched(scales, vs)
     for i in range(3):
         want = jsl.expm(0.9 * scales[i] * A) @ vs[i]
         assert rel_err(values[i], want) < 1e-10
-
-        def dense(s, v):
-            return jnp.sum(jnp.sin(jsl.expm(0.9 * s * A) @ v))
-
-        want_grads = jax.grad(dense, argnums=(0, 1))(scales[i], vs[i])
-        assert rel_err(grads[0][i], want_grads[0]) < 1e-9
-        assert rel_err(grads[1][i], want_grads[1]) < 1e-9
 
 
 def test_module_config_is_jittable():
