@@ -3,10 +3,14 @@ decreases and the recovered parameters move toward the truth (so the examples ca
 rot)."""
 
 import importlib.util
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from conftest import TEST_FLAGS
 
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
@@ -27,6 +31,26 @@ def test_quickstart():
     assert out["value_error"] < 1e-8
     assert out["grad_error"] < 1e-5
     assert out["fd_error"] < 1e-5
+
+
+@pytest.mark.slow
+def test_quickstart_command_at_default_size():
+    """The README's command, `python examples/quickstart.py`, as a user runs it (its
+    default 24×24 grid, a fresh process, JAX's default compiler settings): exit
+    status 0."""
+    # Without the compile-time flags conftest.py sets for the suite.
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    env = dict(os.environ, XLA_FLAGS=" ".join(f for f in flags if f not in TEST_FLAGS))
+    run = subprocess.run(
+        [sys.executable, str(EXAMPLES / "quickstart.py")],
+        cwd=EXAMPLES.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "| result" in run.stdout and "successful" in run.stdout
 
 
 def test_wave_inverse(tmp_path):

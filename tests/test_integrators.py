@@ -99,8 +99,10 @@ def dense_times(t0, t1, dt):
     `[t0, t1]` (clipped to it); traced, so one compilation serves every step size."""
     steps = jnp.round((t1 - t0) / dt)
     k = jnp.floor(jnp.arange(4) * steps / 4)
-    ts = t0 + (k[:, None] + jnp.asarray(DENSE_THETAS)[None]) * dt
-    return jnp.clip(ts.reshape(-1), jnp.minimum(t0, t1), jnp.maximum(t0, t1))
+    # Sorted (in steps of dt), so that the times are monotone even where fewer than
+    # four steps make k repeat.
+    offsets = jnp.sort((k[:, None] + jnp.asarray(DENSE_THETAS)[None]).reshape(-1))
+    return jnp.clip(t0 + offsets * dt, jnp.minimum(t0, t1), jnp.maximum(t0, t1))
 
 
 def fixed_solve(solver, kind, t0, t1, dt, y0, args, max_steps=64):
