@@ -1,9 +1,9 @@
-"""Benchmark: exp(tA)v and its gradient, krylovexp against its peers (issue 2, §9).
+"""Benchmark: exp(tA)v and its gradient, krylovexp against its peers.
 
 Problem A: stiff 2-D heat equation (5-point Laplacian, Dirichlet, n×n interior,
 T = 0.01, Gaussian bump). Problem B: non-symmetric, strongly non-normal 2-D
 advection–diffusion (central differences) of the same size. Both operators are applied
-matrix-free (array slicing); see `benchmarks/_problems.py`.
+matrix-free (array slicing); see `support/problems.py`.
 
 Loss: `L(θ, u0) = sum(u(T)²)` with `u(T) = exp(T A(θ)) u0`, θ = diffusion coefficient
 κ (A) or velocity c = (c_x, c_y) (B). "Gradient" = `jax.grad(L, argnums=(0, 1))`, i.e.
@@ -22,17 +22,21 @@ one krylovexp achieved at that rtol (if krylovexp is unavailable: the rtol itsel
 matfree `funm_arnoldi` at the smallest Krylov dimension k doing so (searched using the
 prefix property of one Arnoldi run, then confirmed), Diffrax Tsit5/Dopri5 at the
 loosest PID tolerance on a half-decade grid doing so (atol = rtol · max|u0|).
+`--methods` selects among krylovexp, matfree, tsit5, dopri5 and scipy; the table is also
+written to `<out>/table.md`.
 
 Run (from the repository root):
 
-    python benchmarks/bench_expm.py --n 128 --problems A,B --rtols 1e-4,1e-8 --repeats 5
+    python benchmarks/bench_expm.py --grid 128 --problems A,B --rtols 1e-4,1e-8 \
+        --repeats 5
 """
 
 import argparse
 import math
 import os
+import pathlib
 import platform
-import statistics
+import sys
 import time
 
 
@@ -46,16 +50,21 @@ import jax  # noqa: E402
 
 
 jax.config.update("jax_enable_x64", True)
+# The repository root, for the helpers in `support/`.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import diffrax as dfx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 import scipy.sparse.linalg as spla  # noqa: E402
-from _problems import PROBLEMS, Problem  # noqa: E402
-from matfree import decomp, funm  # noqa: E402
 from numpy.polynomial import chebyshev as cheb  # noqa: E402
 from scipy.linalg import expm as dense_expm  # noqa: E402
+
+from support.cli import add_common_arguments, comma_list, resolve_methods  # noqa: E402
+from support.measure import compiled_memory_mb, rel_err, timed  # noqa: E402
+from support.peers import matfree_expm, matfree_hessenberg  # noqa: E402
+from support.problems import PROBLEMS, Problem  # noqa: E402
 
 
 try:
@@ -67,12 +76,10 @@ else:
     KX_IMPORT_ERROR = None
 
 
+METHODS = ("krylovexp", "matfree", "tsit5", "dopri5", "scipy")
+
+
 # --------------------------------------------------------------------------- helpers
-
-
-def rel_err(x, ref):
-    x = np.asarray(x)
-    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
 def grad_errs(grad, ref):
@@ -88,32 +95,14 @@ def compile_jit(fn, *args):
 def bench(compiled, *args, repeats, warm_up=True):
     """Warm up (unless already called), then the median wall time (ms) of `repeats`
     calls."""
-    if warm_up:
-        jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return jax.block_until_ready(compiled(*args)), 1e3 * statistics.median(times)
-
-
-def memory_mb(compiled):
-    """XLA's buffer assignment for the compiled function: temp + argument + output."""
-    stats = compiled.memory_analysis()
-    if stats is None:
-        return float("nan")
-    total = (
-        stats.temp_size_in_bytes
-        + stats.argument_size_in_bytes
-        + stats.output_size_in_bytes
-    )
-    return total / 2**20
+    out, seconds = timed(compiled, *args, repeats=repeats, warm_up=warm_up)
+    return out, 1e3 * seconds
 
 
 def chebyshev_degree(rho, tol):
     """Smallest degree of the Chebyshev interpolant of exp on [-rho, 0] with max error
-    <= tol (the lower bound on matvecs of NOTES.md §1)."""
+    <= tol: a lower bound, up to a small factor, on the matvecs of any polynomial
+    (Krylov or Runge–Kutta) method that reaches `tol` for every start vector."""
 
     def f(x):
         return np.exp(rho * (x - 1) / 2)
@@ -251,14 +240,12 @@ def run_diffrax(p, name, solver, target, ref, gref, theta, u0, repeats):
         fwd=t_fwd,
         grad=t_grad,
         matvecs=6 * int(steps),
-        mem=memory_mb(grad_c),
+        mem=compiled_memory_mb(grad_c),
     )
 
 
 def matfree_fn(p: Problem, k: int):
-    expm_arnoldi = funm.funm_arnoldi(
-        funm.dense_funm_pade_exp(), decomp.hessenberg(k, reortho="full")
-    )
+    expm_arnoldi = matfree_expm(k)
 
     def matvec(v, th):
         return p.T * p.matvec(v, th)
@@ -279,7 +266,7 @@ def matfree_error_curve(p: Problem, kmax, theta, u0, ref):
         return p.T * p.matvec(v, th)
 
     def run(th, v):
-        return decomp.hessenberg(kmax, reortho="full")(matvec, v, th)
+        return matfree_hessenberg(kmax)(matvec, v, th)
 
     res = jax.jit(run)(theta, u0)
     Q = np.asarray(res.Q_tall)  # (kmax, n)
@@ -337,7 +324,7 @@ def run_matfree(p, target, ref, gref, theta, u0, repeats):
         fwd=t_fwd,
         grad=t_grad,
         matvecs=k,
-        mem=memory_mb(grad_c),
+        mem=compiled_memory_mb(grad_c),
     )
 
 
@@ -371,19 +358,14 @@ def run_krylovexp(p, rtol, atol, ref, gref, theta, u0, repeats):
         fwd=t_fwd,
         grad=t_grad,
         matvecs=matvecs,
-        mem=memory_mb(grad_c),
+        mem=compiled_memory_mb(grad_c),
         est=float(np.asarray(stats["error_estimate"])),
     )
 
 
 def run_scipy(p, ref, repeats):
     TA = (p.T * p.sparse(p.theta)).tocsr()
-    times = []
-    y = spla.expm_multiply(TA, p.u0)
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        y = spla.expm_multiply(TA, p.u0)
-        times.append(time.perf_counter() - t0)
+    y, t_fwd = bench(spla.expm_multiply, TA, p.u0, repeats=repeats)
     counting = _CountingCSR(TA)
     _CountingCSR.count = 0
     spla.expm_multiply(counting, p.u0)
@@ -392,7 +374,7 @@ def run_scipy(p, ref, repeats):
         setting="sparse CSR, tol 2^-53",
         err=rel_err(y, ref),
         gerr=(float("nan"), float("nan")),
-        fwd=1e3 * statistics.median(times),
+        fwd=t_fwd,
         grad=float("nan"),
         matvecs=_CountingCSR.count,
         mem=float("nan"),
@@ -410,9 +392,11 @@ def fmt(x, spec):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=128)
-    parser.add_argument("--problems", default="A,B")
-    parser.add_argument("--rtols", default="1e-4,1e-8")
+    add_common_arguments(
+        parser, script="bench_expm", methods=METHODS, grid=128, grid_help="n (n×n grid)"
+    )
+    parser.add_argument("--problems", type=comma_list(), default=["A", "B"])
+    parser.add_argument("--rtols", type=comma_list(float), default=[1e-4, 1e-8])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--atol",
@@ -421,8 +405,10 @@ def main():
         help="atol passed to krylovexp (default: the library's default)",
     )
     args = parser.parse_args()
-    rtols = [float(r) for r in args.rtols.split(",")]
+    methods = resolve_methods(args.methods, METHODS)
+    rtols = args.rtols
     t_start = time.perf_counter()
+    lines = []  # the Markdown table, also written to <out>/table.md
 
     print(
         f"jax {jax.__version__} ({jax.default_backend()}, float64), "
@@ -430,13 +416,13 @@ def main():
         f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}, "
         f"repeats={args.repeats} (median)"
     )
-    if kx is None:
+    if kx is None and "krylovexp" in methods:
         print(f"\n**krylovexp not importable** ({KX_IMPORT_ERROR}): peers only.")
 
     rows = []
     summary = []
-    for name in args.problems.split(","):
-        p = PROBLEMS[name](n=args.n)
+    for name in args.problems:
+        p = PROBLEMS[name](n=args.grid)
         theta, u0 = jnp.asarray(p.theta), jnp.asarray(p.u0)
         norm2, radius = norms(p)
         ref, gref = reference(p)
@@ -452,11 +438,12 @@ def main():
             f"{rel_err(y8, ref):.1e}.",
             flush=True,
         )
-        rows.append((name, "–", run_scipy(p, ref, args.repeats)))
+        if "scipy" in methods:
+            rows.append((name, "–", run_scipy(p, ref, args.repeats)))
         for rtol in rtols:
             cheb_bound = chebyshev_degree(norm2, rtol)
             kx_row = None
-            if kx is not None:
+            if kx is not None and "krylovexp" in methods:
                 try:
                     kx_row = run_krylovexp(
                         p, rtol, args.atol, ref, gref, theta, u0, args.repeats
@@ -464,8 +451,12 @@ def main():
                 except Exception as e:  # noqa: BLE001 - report, keep the peers going
                     print(f"krylovexp FAILED at rtol {rtol:g}: {type(e).__name__}: {e}")
             target = kx_row["err"] if kx_row is not None else rtol
-            peers = [run_matfree(p, target, ref, gref, theta, u0, args.repeats)]
+            peers = []
+            if "matfree" in methods:
+                peers.append(run_matfree(p, target, ref, gref, theta, u0, args.repeats))
             for sname, solver in (("Tsit5", dfx.Tsit5()), ("Dopri5", dfx.Dopri5())):
+                if sname.lower() not in methods:
+                    continue
                 peers.append(
                     run_diffrax(
                         p, sname, solver, target, ref, gref, theta, u0, args.repeats
@@ -488,14 +479,14 @@ def main():
                 flush=True,
             )
 
-    print(
-        "\n| problem | rtol → target error; Cheb. bound | method | setting | error "
+    lines.append(
+        "| problem | rtol → target error; Cheb. bound | method | setting | error "
         "| ∇θ error | ∇u0 error | forward ms | gradient ms | grad/fwd | matvecs "
         "| matvecs/Cheb | grad memory MB | fwd vs best peer | grad vs best peer |"
     )
-    print("|" + "---|" * 15)
+    lines.append("|" + "---|" * 15)
     for name, label, r in rows:
-        print(
+        lines.append(
             f"| {name} | {label} | {r['method']} | {r['setting']} | {r['err']:.1e} "
             f"| {fmt(r['gerr'][0], '.1e')} | {fmt(r['gerr'][1], '.1e')} "
             f"| {fmt(r['fwd'], '.1f')} | {fmt(r['grad'], '.1f')} "
@@ -503,6 +494,11 @@ def main():
             f"| {fmt(r.get('cheb'), '.2f')} | {fmt(r['mem'], '.1f')} "
             f"| {fmt(r.get('vs_fwd'), '.3f')} | {fmt(r.get('vs_grad'), '.3f')} |"
         )
+    table = "\n".join(lines)
+    print("\n" + table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table + "\n")
     print(
         "\nerror: relative 2-norm of u(T) against the SciPy reference. ∇θ / ∇u0 error: "
         "relative error of the two parts of ∇L against the Fréchet-derivative "
@@ -513,12 +509,16 @@ def main():
         "estimation. Cheb. bound: degree of the Chebyshev interpolant of exp on "
         "[-‖TA‖₂, 0] with uniform error rtol (for the non-normal B only a "
         "heuristic). grad memory: XLA buffer assignment of the compiled gradient "
-        "(temp + arguments + outputs), a static estimate of peak memory, not RSS. "
+        "(temp + arguments + outputs − aliased), a static estimate of peak memory, "
+        "not RSS. "
         "fwd/grad vs best peer: krylovexp time / fastest differentiable peer whose "
         "error is <= krylovexp's (target <= 0.1)."
     )
     if summary:
-        print("\nIssue 2 §9 targets:")
+        print(
+            "\nTargets (error <= rtol; grad/fwd <= 3; matvecs <= 2.5x the Chebyshev "
+            "bound; >= 10x faster than the fastest differentiable peer):"
+        )
         for name, rtol, r in summary:
             ratio = r["grad"] / r["fwd"]
             checks = [

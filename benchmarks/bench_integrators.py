@@ -19,7 +19,8 @@ the forward wall time, the wall time of the gradient of `sum(u(T)²)` with respe
 physical parameter (RecursiveCheckpointAdjoint), the number of steps, the RHS
 evaluations (Diffrax: stages × steps) and Krylov matvecs (krylovexp: counted by the
 solver). Timings: compiled once, then the median of `--repeats` runs, each ended by
-`block_until_ready`.
+`block_until_ready`. `--methods` takes solver names with or without the `kx.` prefix
+(`Exprb32` or `kx.Exprb32`); `--grid` changes the problems' grid size.
 
     python benchmarks/bench_integrators.py --out benchmarks/out
 """
@@ -27,13 +28,16 @@ solver). Timings: compiled once, then the median of `--repeats` runs, each ended
 import argparse
 import json
 import os
-import statistics
+import pathlib
+import sys
 import time
 
 import jax
 
 
 jax.config.update("jax_enable_x64", True)
+# The repository root, for the helpers in `support/`.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import diffrax  # noqa: E402
 import equinox as eqx  # noqa: E402
@@ -42,6 +46,8 @@ import lineax as lx  # noqa: E402
 import numpy as np  # noqa: E402
 
 import krylovexp as kx  # noqa: E402
+from support.cli import add_common_arguments, comma_list, resolve_methods  # noqa: E402
+from support.measure import timed  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------
@@ -107,12 +113,18 @@ class Problem(eqx.Module):
         return 4 / self.dx**2 + 16 * self.param / self.dx**4
 
 
-def make_problem(name):
+PROBLEMS = ("allen-cahn", "ks")
+
+
+def make_problem(name, grid=None):
+    """The problem `name` on its default grid (128² and 512 points) or on `grid`."""
     if name == "allen-cahn":
-        return Problem(name, 128, 1.0, 0.01, "allen-cahn", 1.0 / 128)
+        n = grid or 128
+        return Problem(name, n, 1.0, 0.01, "allen-cahn", 1.0 / n)
     if name == "ks":
-        return Problem(name, 512, 2.0, 1.0, "ks", 32 * np.pi / 512)
-    raise ValueError(name)
+        n = grid or 512
+        return Problem(name, n, 2.0, 1.0, "ks", 32 * np.pi / n)
+    raise SystemExit(f"unknown problem {name!r}; choose from {', '.join(PROBLEMS)}")
 
 
 # ---------------------------------------------------------------------------------
@@ -214,17 +226,6 @@ def reference(problem):
     return sol.ys[-1], int(sol.stats["num_steps"])
 
 
-def timed(fn, repeats):
-    jax.block_until_ready(fn())  # compile + warm up
-    times = []
-    out = None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
-
-
 def sweep_points(problem, name, rtols, steps):
     _, _, adaptive, _ = SOLVERS[name]
     if adaptive:
@@ -251,31 +252,31 @@ def run(problem, names, repeats, grad_repeats, rtols=RTOLS, steps=(4, 8, 16)):
             continue
         max_steps = 20_000
         for control in sweep_points(problem, name, rtols, steps):
-            t_fwd, sol = timed(
+            sol, t_fwd = timed(
                 lambda c=control, s=name, m=max_steps: solve(problem, s, c, param, m),
-                repeats,
+                repeats=repeats,
             )
             if sol.result != diffrax.RESULTS.successful:
                 print(f"{name:12s} {float(control):.0e}: failed ({sol.result})")
                 continue
             err = float(jnp.linalg.norm(sol.ys[-1] - ref) / jnp.linalg.norm(ref))
-            steps = int(sol.stats["num_steps"])
+            num_steps = int(sol.stats["num_steps"])
             accepted = int(sol.stats["num_accepted_steps"])
             if kind == "kx":
                 matvecs = int(sol.solver_state)  # accepted steps
                 # Scale to all steps (rejected steps cost about the same).
-                matvecs = int(round(matvecs * steps / max(accepted, 1)))
-                rhs = stages * steps
+                matvecs = int(round(matvecs * num_steps / max(accepted, 1)))
+                rhs = stages * num_steps
                 work = f"{rhs} N + {matvecs} mv"
             elif stages is not None:
-                work = f"{stages * steps} RHS"
+                work = f"{stages * num_steps} RHS"
             else:
-                work = f"{steps} steps (chord + dense LU)"
-            t_grad, _ = timed(
+                work = f"{num_steps} steps (chord + dense LU)"
+            _, t_grad = timed(
                 lambda c=control, s=name, m=max_steps: gradient(
                     problem, s, c, param, m
                 ),
-                grad_repeats,
+                repeats=grad_repeats,
             )
             label = (
                 f"dt={float(control):.3g}"
@@ -289,13 +290,13 @@ def run(problem, names, repeats, grad_repeats, rtols=RTOLS, steps=(4, 8, 16)):
                 error=err,
                 forward=t_fwd,
                 grad=t_grad,
-                steps=steps,
+                steps=num_steps,
                 work=work,
             )
             rows.append(row)
             print(
                 f"| {name} | {label} | {err:.2e} | {1e3 * t_fwd:.0f} | "
-                f"{1e3 * t_grad:.0f} | {steps} | {work} |",
+                f"{1e3 * t_grad:.0f} | {num_steps} | {work} |",
                 flush=True,
             )
     return rows
@@ -386,16 +387,22 @@ def _merge(rows_path, new_rows):
     return rows
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--problems", nargs="+", default=["allen-cahn", "ks"])
-    parser.add_argument("--solvers", nargs="+", default=list(SOLVERS))
+    add_common_arguments(
+        parser,
+        script="bench_integrators",
+        methods=list(SOLVERS),
+        grid=None,
+        grid_help="grid points per side (default: 128 for allen-cahn, 512 for ks)",
+    )
+    parser.add_argument("--problems", type=comma_list(), default=list(PROBLEMS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--grad-repeats", type=int, default=1)
-    parser.add_argument("--rtols", nargs="+", type=float, default=list(RTOLS))
-    parser.add_argument("--steps", nargs="+", type=int, default=[4, 8])
-    parser.add_argument("--out", default="benchmarks/out")
-    args = parser.parse_args()
+    parser.add_argument("--rtols", type=comma_list(float), default=list(RTOLS))
+    parser.add_argument("--steps", type=comma_list(int), default=[4, 8])
+    args = parser.parse_args(argv)
+    methods = resolve_methods(args.methods, list(SOLVERS))
     os.makedirs(args.out, exist_ok=True)
     print(
         f"jax {jax.__version__}, diffrax {diffrax.__version__}, devices {jax.devices()}"
@@ -409,8 +416,8 @@ def main():
     start = time.perf_counter()
     for name in args.problems:
         rows += run(
-            make_problem(name),
-            args.solvers,
+            make_problem(name, args.grid),
+            methods,
             args.repeats,
             args.grad_repeats,
             args.rtols,

@@ -22,6 +22,7 @@ Run `python examples/heat_inverse.py` (a few minutes on 2 CPU cores).
 import argparse
 import math
 import os
+import pathlib
 import sys
 import time
 
@@ -30,6 +31,8 @@ import jax
 
 # Double precision: the comparison is run at tolerances below single precision.
 jax.config.update("jax_enable_x64", True)
+# The repository root, for the helpers in `support/`.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import diffrax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -38,6 +41,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import krylovexp as kx  # noqa: E402
+from support.cli import add_common_arguments, comma_list, resolve_methods  # noqa: E402
+from support.fields import smooth_fields  # noqa: E402
 
 
 METHODS = ("krylovexp-lanczos", "diffrax-kvaerno5", "diffrax-tsit5")
@@ -66,21 +71,6 @@ def heat_operator(theta, h):
     return lx.FunctionLinearOperator(
         lambda u: diffusion(u, kappa, h), structure, lx.symmetric_tag
     )
-
-
-def smooth_field(key, size, length_scale, modes=8):
-    """A smooth random field (random sine/cosine series with a Gaussian spectrum),
-    normalised to unit max-abs."""
-    x = (np.arange(size) + 0.5) / size
-    k = np.arange(modes)
-    basis = np.cos(np.pi * np.outer(k, x))
-    scale = np.exp(
-        -((np.pi * length_scale) ** 2) * (k[:, None] ** 2 + k[None] ** 2) / 4
-    )
-    scale[0, 0] = 0.0
-    coef = np.asarray(jax.random.normal(key, (modes, modes))) * scale
-    field = basis.T @ coef @ basis
-    return field / np.max(np.abs(field))
 
 
 def bumps(size, centres, width):
@@ -145,8 +135,9 @@ def make_problem(cfg):
     h = 1.0 / n
     key = jax.random.key(cfg.seed)
     k_theta, k_noise = jax.random.split(key)
-    theta_true = math.log(cfg.kappa_mean) + cfg.contrast * smooth_field(
-        k_theta, n, 0.35
+    theta_true = (
+        math.log(cfg.kappa_mean)
+        + cfg.contrast * smooth_fields(k_theta, 1, n, length_scale=0.35, modes=8)[0]
     )
     rng = np.random.default_rng(cfg.seed)
     centres = rng.uniform(0.25, 0.75, size=(cfg.num_sources, 2))
@@ -351,10 +342,17 @@ def plot(problem, results, target, outdir):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--grid", type=int, default=16, help="cells per side")
+    add_common_arguments(
+        p, script="heat_inverse", methods=METHODS, grid=16, grid_help="cells per side"
+    )
     p.add_argument("--sensors", type=int, default=4, help="sensors per side")
     p.add_argument("--num-sources", type=int, default=3, help="experiments")
-    p.add_argument("--times", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.04])
+    p.add_argument(
+        "--times",
+        type=comma_list(float),
+        default=[0.005, 0.01, 0.02, 0.04],
+        help="observation times",
+    )
     p.add_argument("--noise", type=float, default=0.01, help="relative noise level")
     p.add_argument("--kappa-mean", type=float, default=1.0)
     p.add_argument("--contrast", type=float, default=0.7, help="amplitude of θ")
@@ -369,18 +367,13 @@ def parse_args(argv):
         default=0.0,
         help="κ error for the time-to-target column (0: 1.1 x the best final error)",
     )
-    p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/heat_inverse", help="output folder")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     cfg = parse_args(argv)
-    methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
-    for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"unknown method {m!r}; choose from {METHODS}")
+    methods = resolve_methods(cfg.methods, METHODS)
     os.makedirs(cfg.out, exist_ok=True)
     print(f"heat_inverse: float64; output in {cfg.out}/")
     problem = make_problem(cfg)

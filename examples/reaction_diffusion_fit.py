@@ -14,8 +14,9 @@ that changes between the fits is the solver:
 
 (`Exprb43` takes the same plain `ODETerm`: it linearises the vector field with
 Jacobian-vector products and applies the φ-functions of the Jacobian by Krylov
-sweeps.) With `--etdrk4-steps N` a third fit uses `kx.ETDRK4()` on the semilinear
-split `MultiTerm(kx.LinearTerm(D Δ), ODETerm(r (u − u³)))` with N fixed steps.
+sweeps.) With `--methods tsit5,exprb43,etdrk4` a third fit uses `kx.ETDRK4()` on the
+semilinear split `MultiTerm(kx.LinearTerm(D Δ), ODETerm(r (u − u³)))` with
+`--etdrk4-steps` fixed steps.
 
 The observed trajectory comes from Diffrax Dopri8 at rtol 1e-10. float64.
 Run `python examples/reaction_diffusion_fit.py` (1-2 minutes on 2 CPU cores).
@@ -24,6 +25,7 @@ Run `python examples/reaction_diffusion_fit.py` (1-2 minutes on 2 CPU cores).
 import argparse
 import math
 import os
+import pathlib
 import sys
 import time
 
@@ -32,6 +34,8 @@ import jax
 
 # Double precision: the reference trajectory and the tolerances need it.
 jax.config.update("jax_enable_x64", True)
+# The repository root, for the helpers in `support/`.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import diffrax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -40,6 +44,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import krylovexp as kx  # noqa: E402
+from support.cli import add_common_arguments, resolve_methods  # noqa: E402
+
+
+METHODS = ("tsit5", "exprb43", "etdrk4")
 
 
 # ---------------------------------------------------------------------------------
@@ -279,7 +287,13 @@ def plot(data, results, outdir):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--grid", type=int, default=48)
+    add_common_arguments(
+        p,
+        script="reaction_diffusion_fit",
+        methods=METHODS,
+        default_methods=("tsit5", "exprb43"),
+        grid=48,
+    )
     p.add_argument("--horizon", type=float, default=1.0)
     p.add_argument("--num-obs", type=int, default=5, help="snapshots in (0, T]")
     p.add_argument("--diffusivity", type=float, default=5e-3, help="true D")
@@ -290,19 +304,14 @@ def parse_args(argv):
     p.add_argument("--iters", type=int, default=40, help="Adam steps")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--rtol", type=float, default=1e-6, help="PID tolerance")
-    p.add_argument("--solvers", default="tsit5,exprb43", help="tsit5, exprb43, etdrk4")
     p.add_argument("--etdrk4-steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/reaction_diffusion_fit", help="output folder")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     cfg = parse_args(argv)
-    names = [s.strip() for s in cfg.solvers.split(",") if s.strip()]
-    for s in names:
-        if s not in ("tsit5", "exprb43", "etdrk4"):
-            raise SystemExit(f"unknown solver {s!r}")
+    names = resolve_methods(cfg.methods, METHODS)
     os.makedirs(cfg.out, exist_ok=True)
     print(f"reaction_diffusion_fit: float64; output in {cfg.out}/")
     data = make_data(cfg)

@@ -35,6 +35,7 @@ Run `python examples/wave_inverse.py` (float64; about 3-4 minutes on 2 CPU cores
 import argparse
 import math
 import os
+import pathlib
 import sys
 import time
 from collections.abc import Callable
@@ -45,17 +46,21 @@ import jax
 
 # Double precision: the reference solves and the accuracy comparison need it.
 jax.config.update("jax_enable_x64", True)
+# The repository root, for the helpers in `support/`.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import diffrax  # noqa: E402
 import equinox as eqx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import lineax as lx  # noqa: E402
-import matfree.decomp  # noqa: E402
-import matfree.funm  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import krylovexp as kx  # noqa: E402
+from support.cli import add_common_arguments, comma_list, resolve_methods  # noqa: E402
+from support.fields import smooth_fields  # noqa: E402
+from support.measure import compiled_memory_mb  # noqa: E402
+from support.peers import matfree_expm  # noqa: E402
 
 
 METHODS = (
@@ -110,24 +115,6 @@ def operator_norms(omega2, h, iters=200):
     u = jax.random.normal(key, n)
     lam = power(lambda z: -omega2 * neumann_laplacian(z, h), u)
     return norm2, math.sqrt(lam)
-
-
-def smooth_fields(key, num, size, length_scale, modes):
-    """Random cosine series `Σ a_kl cos(πkx) cos(πly)`, `a_kl ~ N(0, s_kl²)` with a
-    Gaussian spectrum `s_kl = exp(-(πℓ)² (k² + l²) / 4)`: samples of a stationary GP
-    with squared-exponential kernel of length scale ℓ (up to the mode cut-off),
-    satisfying the Neumann condition; each normalised to unit max-abs."""
-    x = (np.arange(size) + 0.5) / size
-    k = np.arange(modes)
-    basis = np.cos(np.pi * np.outer(k, x))  # (modes, size)
-    scale = np.exp(
-        -((np.pi * length_scale) ** 2) * (k[:, None] ** 2 + k[None] ** 2) / 4
-    )
-    scale[0, 0] = 0.0  # zero mean
-    coef = np.asarray(jax.random.normal(key, (num, modes, modes))) * scale
-    fields = np.einsum("nkl,ki,lj->nij", coef, basis, basis)
-    fields /= np.max(np.abs(fields), axis=(1, 2), keepdims=True)
-    return fields
 
 
 def coordinates(size):
@@ -211,8 +198,7 @@ def make_solver(name: str, h: float, horizon: float, rtol: float, matvec) -> Cal
             return sol.ys[0]
 
     elif name == "matfree-10":
-        hessenberg = matfree.decomp.hessenberg(FIXED_DEPTH, reortho="full")
-        funm = matfree.funm.funm_arnoldi(matfree.funm.dense_funm_pade_exp(), hessenberg)
+        funm = matfree_expm(FIXED_DEPTH)
 
         def scaled(w, omega2):
             return horizon * matvec(w, omega2, h)
@@ -313,15 +299,7 @@ def train(name, problem, cfg) -> dict[str, Any]:
         .compile()
     )
     compile_time = time.perf_counter() - tic
-    mem = compiled.memory_analysis()
-    peak = None
-    if mem is not None:
-        peak = (
-            mem.argument_size_in_bytes
-            + mem.output_size_in_bytes
-            + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes
-        )
+    peak_mb = compiled_memory_mb(compiled)
 
     # Matvecs of one gradient step (forward, plus those inside VJPs and recomputed
     # forward passes), counted once with a callback in the matvec.
@@ -394,7 +372,7 @@ def train(name, problem, cfg) -> dict[str, Any]:
         "sec_per_epoch": train_time / max(epochs_run, 1),
         "compile": compile_time,
         "matvecs": matvecs_per_epoch,
-        "peak_mb": None if peak is None else peak / 2**20,
+        "peak_mb": peak_mb,
         "failed": failed,
     }
 
@@ -572,7 +550,7 @@ def plot_losses(all_results, outdir):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--grid", type=int, default=32, help="grid points per side")
+    add_common_arguments(p, script="wave_inverse", methods=METHODS, grid=32)
     p.add_argument("--num-ics", type=int, default=16, help="initial conditions")
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--epochs", type=int, default=60)
@@ -600,7 +578,10 @@ def parse_args(argv):
         help="‖TA‖₂ of the hard regime",
     )
     p.add_argument(
-        "--regimes", default="mild,hard", help="which regimes to run: mild, hard"
+        "--regimes",
+        type=comma_list(),
+        default=["mild", "hard"],
+        help="which regimes to run: mild, hard",
     )
     p.add_argument(
         "--contrast",
@@ -613,13 +594,9 @@ def parse_args(argv):
     p.add_argument("--rtol", type=float, default=1e-6, help="kx-adaptive tolerance")
     p.add_argument("--ref-rtol", type=float, default=1e-10)
     p.add_argument(
-        "--methods",
-        default=",".join(METHODS),
-        help="comma-separated subset of " + ",".join(METHODS),
-    )
-    p.add_argument(
         "--hard-methods",
-        default="",
+        type=comma_list(),
+        default=[],
         help="methods of the hard regime (default: those of --methods)",
     )
     p.add_argument(
@@ -629,18 +606,13 @@ def parse_args(argv):
         help="check the reference against Diffrax Dopri8",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/wave_inverse", help="output folder")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     cfg = parse_args(argv)
-    methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
-    hard_methods = [m.strip() for m in cfg.hard_methods.split(",") if m.strip()]
-    hard_methods = hard_methods or methods
-    for m in methods + hard_methods:
-        if m not in METHODS:
-            raise SystemExit(f"unknown method {m!r}; choose from {METHODS}")
+    methods = resolve_methods(cfg.methods, METHODS)
+    hard_methods = resolve_methods(cfg.hard_methods, METHODS) or methods
     os.makedirs(cfg.out, exist_ok=True)
     print(
         f"wave_inverse: float64, {jax.device_count()} {jax.default_backend()} "
@@ -648,8 +620,7 @@ def main(argv=None) -> dict:
     )
     norms = {"mild": cfg.norm, "hard": cfg.hard_norm}
     regimes = []
-    for label in cfg.regimes.split(","):
-        label = label.strip()
+    for label in cfg.regimes:
         if label not in norms or norms[label] <= 0:
             raise SystemExit(f"bad regime {label!r} (need mild/hard with a norm > 0)")
         regimes.append((label, norms[label]))

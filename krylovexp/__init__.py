@@ -1,6 +1,8 @@
 """krylovexp: differentiable Krylov matrix exponentials, phi-functions and
 exponential integrators for JAX."""
 
+# Matrix functions: exp(tA)v and the phi-functions, their options, adjoints, results,
+# and the exponential as a Lineax operator.
 from ._expm import (
     AbstractKrylovAdjoint as AbstractKrylovAdjoint,
     DirectAdjoint as DirectAdjoint,
@@ -15,7 +17,7 @@ from ._solution import RESULTS as RESULTS, Solution as Solution
 
 __version__ = "0.1.0"
 
-# --- Exponential integrators for Diffrax (issue 3) ---------------------------------
+# Exponential integrators: solvers and the linear term for Diffrax.
 from ._integrators import (
     ETDRK2 as ETDRK2,
     ETDRK4 as ETDRK4,

@@ -119,7 +119,8 @@ def _scalar_control(term) -> bool:
     except Exception:  # noqa: BLE001
         return False
     leaves = jtu.tree_leaves(control)
-    return len(leaves) == 1 and leaves[0].shape == ()
+    # A bare term's control may be a Python float (Diffrax wraps terms into arrays).
+    return len(leaves) == 1 and jnp.ndim(leaves[0]) == 0
 
 
 def _describe(terms) -> str:

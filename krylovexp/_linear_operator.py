@@ -11,7 +11,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, PyTree, Real
 
 from ._expm import KrylovExpm
-from ._operator import as_operator
+from ._operator import as_operator, operator_dtype
 
 
 class ExpmLinearOperator(lx.AbstractLinearOperator):
@@ -21,7 +21,9 @@ class ExpmLinearOperator(lx.AbstractLinearOperator):
     It composes with other Lineax operators and solvers; e.g. running a diffusion
     backwards in time by solving `exp(tA) u0 = uT` with `lineax.GMRES`.
     Its transpose is `exp(tAᵀ)`; symmetry, diagonality and triangularity of `A` carry
-    over, and the exponential of a real symmetric operator is positive definite.
+    over, and the exponential of a Hermitian operator (real symmetric, or tagged
+    positive or negative semidefinite) is positive definite. The exponential of a
+    complex symmetric operator is complex symmetric, not Hermitian.
 
     **Arguments:**
 
@@ -118,11 +120,15 @@ def _(operator):
 
 @lx.is_positive_semidefinite.register(ExpmLinearOperator)
 def _(operator):
-    # exp(tA) of a Hermitian A is Hermitian positive definite.
+    # exp(tA) of a Hermitian A is Hermitian positive definite. For a complex operator
+    # "symmetric" means A = Aᵀ, not Hermitian, and exp(tA) is then complex symmetric
+    # but not Hermitian: only the semidefinite tags (Hermitian in Lineax) count.
+    inner = operator.operator
+    real = not jnp.issubdtype(operator_dtype(inner), jnp.complexfloating)
     return (
-        lx.is_symmetric(operator.operator)
-        or lx.is_positive_semidefinite(operator.operator)
-        or lx.is_negative_semidefinite(operator.operator)
+        (real and lx.is_symmetric(inner))
+        or lx.is_positive_semidefinite(inner)
+        or lx.is_negative_semidefinite(inner)
     )
 
 

@@ -5,16 +5,21 @@ import os
 # The suite is dominated by XLA compilation of small problems: skip the expensive
 # LLVM optimisation passes (about 40% less compile time; the numbers are unchanged).
 # Benchmarks and examples run with the defaults.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+TEST_FLAGS = (
+    "--xla_backend_optimization_level=0",
+    "--xla_llvm_disable_expensive_passes=true",
 )
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *TEST_FLAGS])
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
-jax.config.update("jax_enable_x64", True)
+# Double precision, as the references need, unless KRYLOVEXP_TEST_X64=0: then JAX's
+# default single precision, as a user who never enables x64 gets it (test_float32.py
+# is written for that run; test_float32_run.py starts it in a subprocess).
+X64 = os.environ.get("KRYLOVEXP_TEST_X64", "1") != "0"
+jax.config.update("jax_enable_x64", X64)
 
 
 # Every XLA:CPU executable keeps its compiled kernels in memory mappings of its own, and

@@ -6,9 +6,10 @@ import lineax as lx
 import numpy as np
 import pytest
 import scipy.linalg
-from problems import convection_diffusion_1d, laplacian_1d, rel_err
 
 import krylovexp as kx
+from support.measure import rel_err
+from support.operators import convection_diffusion_1d, laplacian_1d, random_hermitian
 
 
 N = 24
@@ -26,7 +27,8 @@ def test_mv_transpose_and_matrix():
     assert rel_err(lx.materialise(op).as_matrix(), dense) < 1e-11
     assert rel_err(lx.diagonal(op), np.diag(dense)) < 1e-11
     assert rel_err(lx.conj(op).mv(jnp.asarray(U0)), dense @ U0) < 1e-11
-    assert op.in_structure() == op.out_structure()
+    structure = jax.ShapeDtypeStruct((N,), jnp.float64)
+    assert op.in_structure() == op.out_structure() == structure
 
 
 def test_structure_queries_follow_the_operator():
@@ -45,6 +47,39 @@ def test_structure_queries_follow_the_operator():
     np.testing.assert_allclose(lx.diagonal(diag), np.exp(2.0 * np.linspace(-1, 0, N)))
     with pytest.raises(ValueError, match="real scalar"):
         kx.ExpmLinearOperator(jnp.asarray(LAP), jnp.ones(2))
+
+
+def _claims_hold(op, dense):
+    """Each structure Lineax is told about `op` holds for its dense matrix."""
+    hermitian = np.allclose(dense, dense.conj().T, atol=1e-12)
+    if lx.is_symmetric(op):
+        np.testing.assert_allclose(dense, dense.T, atol=1e-12)
+    if lx.is_positive_semidefinite(op):
+        assert hermitian
+        assert np.min(np.linalg.eigvalsh(dense)) > 0
+    return hermitian
+
+
+def test_positive_definite_only_for_hermitian_operators():
+    """exp(tA) is Hermitian positive definite for a Hermitian A (real symmetric, or
+    complex with a semidefinite tag), but only complex symmetric for a complex
+    symmetric A, which Lineax's symmetric tag means for complex operators."""
+    rng = np.random.default_rng(8)
+    b = rng.standard_normal((N, N)) + 1j * rng.standard_normal((N, N))
+    complex_symmetric = 0.1 * (b + b.T)
+    hermitian = -random_hermitian(N, 9) @ random_hermitian(N, 9).conj().T
+    matrix = lx.MatrixLinearOperator
+    cases = [
+        (matrix(jnp.asarray(LAP / 50), lx.symmetric_tag), True),
+        (matrix(jnp.asarray(hermitian), lx.negative_semidefinite_tag), True),
+        (matrix(jnp.asarray(complex_symmetric), lx.symmetric_tag), False),
+    ]
+    for operator, positive in cases:
+        op = kx.ExpmLinearOperator(operator, 0.5, kx.KrylovExpm(rtol=1e-12))
+        dense = scipy.linalg.expm(0.5 * np.asarray(operator.as_matrix()))
+        assert lx.is_symmetric(op) == lx.is_symmetric(operator)
+        assert lx.is_positive_semidefinite(op) == positive
+        assert _claims_hold(op, dense) == positive
 
 
 def test_backward_diffusion_by_linear_solve():

@@ -1,0 +1,65 @@
+"""Relative errors, tolerances for tests, wall-clock timing and compiled memory."""
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def rel_err(value: Any, reference: Any) -> float:
+    """Relative 2-norm error `‖value − reference‖ / ‖reference‖` over all leaves of two
+    pytrees of the same structure (arrays included); the absolute error where the
+    reference is zero."""
+    values = [np.ravel(np.asarray(x)) for x in jax.tree.leaves(value)]
+    references = [np.ravel(np.asarray(x)) for x in jax.tree.leaves(reference)]
+    if len(values) != len(references):
+        raise ValueError("`value` and `reference` must have the same pytree structure.")
+    pairs = zip(values, references, strict=True)
+    difference = np.concatenate([a - b for a, b in pairs])
+    scale = np.linalg.norm(np.concatenate(references))
+    return float(np.linalg.norm(difference) / (scale if scale > 0 else 1.0))
+
+
+def tol(dtype) -> float:
+    """The accuracy a test may ask of a solve in `dtype` at default tolerances."""
+    return 1e-8 if jnp.finfo(dtype).bits == 64 else 2e-4
+
+
+def timed(
+    fn: Callable, *args: Any, repeats: int = 5, warm_up: bool = True
+) -> tuple[Any, float]:
+    """Median wall time of `repeats` calls `fn(*args)`, each ended by
+    `jax.block_until_ready`, after one warm-up call (compilation, first-touch memory)
+    unless `warm_up=False`.
+
+    **Returns:** `(output of the last call, median seconds)`.
+    """
+    if warm_up:
+        jax.block_until_ready(fn(*args))
+    times = []
+    out = None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return out, statistics.median(times)
+
+
+def compiled_memory_mb(compiled) -> float | None:
+    """XLA's buffer assignment for an AOT-compiled function: arguments + outputs +
+    temporaries − aliased buffers, in MiB. A static estimate of the peak, not measured
+    resident memory; `None` where the backend does not report it."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    total = (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
+    return total / 2**20

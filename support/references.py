@@ -1,0 +1,27 @@
+"""Independent references: dense SciPy matrix exponentials."""
+
+import numpy as np
+import scipy.linalg
+
+
+def expm_ref(matrix, vector, t):
+    """`exp(tA) v` by SciPy's dense `expm` (float64 or complex128)."""
+    return scipy.linalg.expm(t * np.asarray(matrix)) @ np.asarray(vector)
+
+
+def phi_ref(matrix, vectors, t):
+    """`Σ_j t^j φ_j(tA) b_j` for `vectors = (b_0, ..., b_p)` by the augmented-matrix
+    identity (Al-Mohy & Higham 2011, Theorem 2.1) and SciPy's dense `expm`."""
+    matrix = np.asarray(matrix)
+    n = matrix.shape[0]
+    p = len(vectors) - 1
+    if p == 0:
+        return expm_ref(matrix, vectors[0], t)
+    w = np.stack([np.asarray(b) for b in vectors[:0:-1]], axis=1)
+    dtype = np.result_type(matrix, w, np.asarray(vectors[0]))
+    augmented = np.zeros((n + p, n + p), dtype=dtype)
+    augmented[:n, :n] = matrix
+    augmented[:n, n:] = w
+    augmented[n:, n:] = np.eye(p, k=1)
+    start = np.concatenate([np.asarray(vectors[0]), np.eye(p)[-1]]).astype(dtype)
+    return (scipy.linalg.expm(t * augmented) @ start)[:n]
