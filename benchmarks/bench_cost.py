@@ -18,11 +18,14 @@ compiled forward pass and gradient (temp + arguments + outputs, MB). Timings are
 AOT-compiled and warmed up, medians of `--repeats` calls ended by `block_until_ready`.
 
     python benchmarks/bench_cost.py --grids 64,128,256,512 --norms 50,1000
+
+`--grid N` runs one grid; `--methods lanczos` one method; `--dtype float32` single
+precision (rtol 1e-5 by default).
 """
 
 import argparse
-import statistics
-import time
+import pathlib
+import sys
 
 import jax
 
@@ -34,7 +37,15 @@ import jax.scipy.linalg as jsl  # noqa: E402
 import lineax as lx  # noqa: E402
 import numpy as np  # noqa: E402
 
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import krylovexp as kx  # noqa: E402
+from support.cli import add_common_arguments, comma_list, resolve_methods  # noqa: E402
+from support.measure import compiled_memory_mb, timed  # noqa: E402
+
+
+METHODS = ("lanczos", "arnoldi")
 
 
 def laplacian(u, kappa):
@@ -125,28 +136,6 @@ def floor_expmv(kappa, v, t, dims, method):
 # ---------------------------------------------------------------------- measurement
 
 
-def timed(compiled, *args, repeats):
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
-def memory_mb(compiled):
-    stats = compiled.memory_analysis()
-    if stats is None:
-        return float("nan")
-    total = (
-        stats.temp_size_in_bytes
-        + stats.argument_size_in_bytes
-        + stats.output_size_in_bytes
-    )
-    return total / 2**20
-
-
 def measure(n, rho, method, rtol, dtype, repeats, solver_options):
     kappa = jnp.asarray(1.0, dtype)
     v = start_vector(n, dtype)
@@ -172,12 +161,13 @@ def measure(n, rho, method, rtol, dtype, repeats, solver_options):
         .compile()
     )
     floor_value = floor_c(kappa, v)
-    # Interleave the three timings so that machine noise affects them alike.
+    # Three rounds, interleaved so that machine noise affects the three alike; the
+    # best round's median of each.
     t_fwd, t_floor, t_grad = [], [], []
     for _ in range(3):
-        t_fwd.append(timed(fwd_c, kappa, v, repeats=repeats))
-        t_floor.append(timed(floor_c, kappa, v, repeats=repeats))
-        t_grad.append(timed(grad_c, kappa, v, repeats=repeats))
+        t_fwd.append(1e3 * timed(fwd_c, kappa, v, repeats=repeats)[1])
+        t_floor.append(1e3 * timed(floor_c, kappa, v, repeats=repeats)[1])
+        t_grad.append(1e3 * timed(grad_c, kappa, v, repeats=repeats)[1])
     t_fwd, t_floor, t_grad = map(min, (t_fwd, t_floor, t_grad))
     scale = float(jnp.linalg.norm(value))
     return dict(
@@ -193,8 +183,8 @@ def measure(n, rho, method, rtol, dtype, repeats, solver_options):
         fwd_floor=t_fwd / t_floor,
         grad_fwd=t_grad / t_fwd,
         floor_diff=float(jnp.linalg.norm(floor_value - value)) / scale,
-        mem_fwd=memory_mb(fwd_c),
-        mem_grad=memory_mb(grad_c),
+        mem_fwd=compiled_memory_mb(fwd_c),
+        mem_grad=compiled_memory_mb(grad_c),
     )
 
 
@@ -215,25 +205,38 @@ def row(r):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--grids", default="64,128,256,512")
-    parser.add_argument("--norms", default="50,1000")
-    parser.add_argument("--methods", default="lanczos,arnoldi")
+    add_common_arguments(parser, script="bench_cost", methods=METHODS, grid=None)
+    parser.set_defaults(grid=None)
+    parser.add_argument("--grids", type=comma_list(int), default=[64, 128, 256, 512])
+    parser.add_argument("--norms", type=comma_list(float), default=[50.0, 1000.0])
     parser.add_argument("--rtol", type=float, default=None)
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    grids = [args.grid] if args.grid is not None else args.grids
+    methods = resolve_methods(args.methods, METHODS)
     dtype = jnp.dtype(args.dtype)
-    rtol = args.rtol if args.rtol is not None else (1e-8 if dtype == jnp.float64 else 1e-5)
-    print(f"jax {jax.__version__}, {jax.default_backend()}, {args.dtype}, rtol {rtol:g}")
-    print(HEADER)
-    print("|" + "---|" * 13)
-    for n in map(int, args.grids.split(",")):
-        for rho in map(float, args.norms.split(",")):
-            for method in args.methods.split(","):
+    rtol = (
+        args.rtol if args.rtol is not None else (1e-8 if dtype == jnp.float64 else 1e-5)
+    )
+    lines = [
+        f"jax {jax.__version__}, {jax.default_backend()}, {args.dtype}, rtol {rtol:g}",
+        "",
+        HEADER,
+        "|" + "---|" * 13,
+    ]
+    print("\n".join(lines), flush=True)
+    for n in grids:
+        for rho in args.norms:
+            for method in methods:
                 r = measure(n, rho, method, rtol, dtype, args.repeats, {})
-                print(row(r), flush=True)
+                lines.append(row(r))
+                print(lines[-1], flush=True)
                 if r["floor_diff"] > 1e3 * rtol:
                     print(f"  (floor differs from krylovexp by {r['floor_diff']:.1e})")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
