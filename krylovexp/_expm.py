@@ -1023,7 +1023,7 @@ def _backward(
                     (offset(j),),
                     (jnp.ones_like(tau),),
                 )
-                return times_bar.at[j].add(jnp.real(jnp.vdot(output_bar(j), rate)))
+                return times_bar.at[j].add(jnp.real(jnp.sum(output_bar(j) * rate)))
 
             times_bar = lax.fori_loop(first, last, add_time_bar, times_bar)
 
