@@ -252,11 +252,10 @@ def table_phimv(
     rows: tuple[int, ...],
     vectors: tuple[PyTree[Array], ...],
     t: Real[ArrayLike, ""] | Real[ArrayLike, " times"],
-    slack: Real[ArrayLike, ""],
     max_substeps: int,
 ) -> Solution:
-    """`sum_j t^j phi_j(tD) b_j` from the table: the times `t` are its rows `rows`
-    (static) to within `slack`, else the value is NaN. Elementwise
+    """`sum_j t^j phi_j(tD) b_j` with the coefficients of the table's rows `rows`
+    (static), which the caller has matched to the times `t`. Elementwise
     multiply-adds with static indices only, so that XLA fuses them with whatever
     forms the vectors. Finiteness of the output is left to the caller."""
     times, scalar = _check_times(t, table.times.dtype)
@@ -268,15 +267,12 @@ def table_phimv(
         )
     flats = [ravel_pytree(b)[0] for b in vectors]
     _, unravel = ravel_pytree(vectors[0])
-    expected = jnp.stack([table.times[r] for r in rows])
-    matches = jnp.all(jnp.abs(times - expected) <= slack)
     outputs = []
     for r in rows:
         row = table.coefficients[r]
-        output = sum(row[j] * b for j, b in enumerate(flats))
-        outputs.append(unravel(jnp.where(matches, output, jnp.nan)))
-    # Stacked after unravelling and guarded row by row, so that taking one time
-    # from the stack reduces to that row's expression.
+        outputs.append(unravel(sum(row[j] * b for j, b in enumerate(flats))))
+    # Stacked after unravelling, so that taking one time from the stack reduces to
+    # that row's expression.
     value = jtu.tree_map(lambda *rows: jnp.stack(rows), *outputs)
     if scalar:
         value = outputs[0]

@@ -308,24 +308,18 @@ class _Tracker:
     """Collects the Krylov result flags and matvec counts of one step, and evaluates
     its phi-functions (from the step's `PhiTable` when the solver keeps one)."""
 
-    def __init__(self, table: PhiTable | None = None, rows=None, slack=None):
+    def __init__(self, table: PhiTable | None = None, rows=None):
         self.ok = []
         self.budget_ok = []
         self.matvecs = []
         self.table = table
         self.rows = rows  # table rows of each sweep's times
-        self.slack = slack
 
     def phimv(self, krylov, operator, vectors, times, sweep=0):
         if self.table is None:
             return krylov.phimv(operator, vectors, times)
         return table_phimv(
-            self.table,
-            self.rows[sweep],
-            vectors,
-            times,
-            self.slack,
-            krylov.max_substeps,
+            self.table, self.rows[sweep], vectors, times, krylov.max_substeps
         )
 
     def add(self, sol):
@@ -493,15 +487,18 @@ class AbstractExponentialSolver(diffrax.AbstractSolver):
             y1, y_error, ym, result, count = attempt(_Tracker())
             state = count
         else:
-            # Steps equal to within the rounding of the time variable use the
-            # table; others evaluate their phi-functions exactly. The table itself
-            # is passed on untouched, so that the loop never copies it.
+            # Steps equal to within the rounding of the time variable use the table.
+            # The table path runs unconditionally, outside control flow, so that
+            # the table stays a loop invariant (reverse mode does not store it per
+            # step); a step of another size is redone with exact phi-functions, in
+            # a rematerialised branch that stores nothing for reverse mode.
             slack = 16 * jnp.finfo(h.dtype).eps * (jnp.abs(t0) + jnp.abs(t1))
             _, rows = self._phi_table_layout()
+            looked_up = attempt(_Tracker(table, rows))
             y1, y_error, ym, result, count = lax.cond(
                 jnp.abs(h - table.step) <= slack,
-                lambda: attempt(_Tracker(table, rows, slack)),
-                lambda: attempt(_Tracker()),
+                lambda: looked_up,
+                jax.checkpoint(lambda: attempt(_Tracker())),
             )
             state = (count, table)
         dense_info = dict(y0=y0, y1=y1, ym=ym)
