@@ -15,6 +15,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, PyTree, Real
 
 from . import _arnoldi as arnoldi
+from ._diagonal import diagonal_phimv, is_diagonal_operator
 from ._operator import (
     FlatSystem,
     as_operator,
@@ -212,6 +213,8 @@ class KrylovExpm(eqx.Module):
         """
         op = as_operator(operator)
         check_vector(op, vector, "vector")
+        if is_diagonal_operator(op):
+            return diagonal_phimv(self, op, (vector,), t)
         flat_vector, unravel = ravel_pytree(vector)
         params, system = flatten(op)
         return self._run(params, system, op, flat_vector, unravel, t, augmented=0)
@@ -242,6 +245,8 @@ class KrylovExpm(eqx.Module):
         op = as_operator(operator)
         for j, b in enumerate(vectors):
             check_vector(op, b, f"vectors[{j}]")
+        if is_diagonal_operator(op):
+            return diagonal_phimv(self, op, tuple(vectors), t)
         if len(vectors) == 1:
             return self.expmv(op, vectors[0], t)
         p = len(vectors) - 1

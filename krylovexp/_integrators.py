@@ -19,8 +19,14 @@ import jax.tree_util as jtu
 import lineax as lx
 import numpy as np
 from diffrax._term import AdjointTerm, WrapTerm
-from jaxtyping import Array, ArrayLike, Bool, Int, PyTree, Real
+from jaxtyping import Array, ArrayLike, Bool, PyTree, Real
 
+from ._diagonal import (
+    PhiTable,
+    is_diagonal_operator,
+    make_table,
+    table_phimv,
+)
 from ._expm import KrylovExpm
 from ._solution import RESULTS as KRYLOV_RESULTS
 from ._terms import LinearTerm
@@ -252,6 +258,9 @@ def _at(tree, i):
 
 
 def _stack_nodes(tree, idx):
+    if list(idx) == list(range(idx[0], idx[-1] + 1)):
+        # A slice, not a gather: XLA fuses it with whatever produces the rows.
+        return jtu.tree_map(lambda x: x[idx[0] : idx[-1] + 1], tree)
     return jtu.tree_map(lambda x: x[np.asarray(idx)], tree)
 
 
@@ -260,10 +269,15 @@ def _where(pred, a, b):
 
 
 def _combine(coefs, stacked):
-    """`sum_k coefs[k] x_k` for a pytree whose leaves stack the `x_k` on axis 0."""
-    return jtu.tree_map(
-        lambda x: jnp.tensordot(coefs.astype(x.dtype), x, axes=1), stacked
-    )
+    """`sum_k coefs[k] x_k` for a pytree whose leaves stack the `x_k` on axis 0.
+    Elementwise multiply-adds rather than a contraction: a few terms, and XLA fuses
+    them with their neighbours."""
+
+    def combine(x):
+        coefs_x = coefs.astype(x.dtype)
+        return sum(coefs_x[k] * x[k] for k in range(x.shape[0]))
+
+    return jtu.tree_map(combine, stacked)
 
 
 def _repeat(tree, k):
@@ -292,12 +306,22 @@ def _budget_ok(result) -> Bool[Array, ""]:
 
 
 class _Tracker:
-    """Collects the Krylov result flags and matvec counts of one step."""
+    """Collects the Krylov result flags and matvec counts of one step, and evaluates
+    its phi-functions (from the step's `PhiTable` when the solver keeps one)."""
 
-    def __init__(self):
+    def __init__(self, table: PhiTable | None = None, rows=None):
         self.ok = []
         self.budget_ok = []
         self.matvecs = []
+        self.table = table
+        self.rows = rows  # table rows of each sweep's times
+
+    def phimv(self, krylov, operator, vectors, times, sweep=0):
+        if self.table is None:
+            return krylov.phimv(operator, vectors, times)
+        return table_phimv(
+            self.table, self.rows[sweep], vectors, times, krylov.max_substeps
+        )
 
     def add(self, sol):
         self.ok.append(sol.result == KRYLOV_RESULTS.successful)
@@ -318,7 +342,7 @@ class _Tracker:
 
         def body(carry, i):
             aux, ok, budget_ok, matvecs = carry
-            sol = krylov.phimv(operator, vectors_fn(i, aux), times_fn(i))
+            sol = self.phimv(krylov, operator, vectors_fn(i, aux), times_fn(i), i)
             ok = ok & (sol.result == KRYLOV_RESULTS.successful)
             budget_ok = budget_ok & _budget_ok(sol.result)
             matvecs = matvecs + sol.stats["num_matvecs"].astype(matvecs.dtype)
@@ -326,7 +350,16 @@ class _Tracker:
             return (aux, ok, budget_ok, matvecs), None
 
         init = (aux, jnp.array(True), jnp.array(True), jnp.array(0, dtype=jnp.int32))
-        (aux, ok, budget_ok, matvecs), _ = lax.scan(body, init, jnp.arange(num))
+        if self.table is None:
+            (aux, ok, budget_ok, matvecs), _ = lax.scan(body, init, jnp.arange(num))
+        else:
+            # Table lookups are a few multiply-adds: unrolled, with static sweep
+            # indices, the stage logic is resolved at trace time and XLA fuses
+            # each stage into a handful of kernels.
+            carry = init
+            for i in range(num):
+                carry, _ = body(carry, i)
+            aux, ok, budget_ok, matvecs = carry
         self.ok.append(ok)
         self.budget_ok.append(budget_ok)
         self.matvecs.append(matvecs)
@@ -335,7 +368,12 @@ class _Tracker:
     def finish(self, y1, y_error, dense_ys, state):
         krylov_ok = jnp.all(jnp.stack(self.ok))
         budget_ok = jnp.all(jnp.stack(self.budget_ok))
-        finite = _all_finite(y1) & _all_finite(dense_ys)
+        finite = _all_finite(y1)
+        if self.table is None:
+            # With exact diagonal coefficients, |tau^j phi_j(tau L)| at the interior
+            # nodes is bounded by its values at 0 and h: finite y1 (and stages)
+            # imply finite nodes, and checking them would recompute them.
+            finite = finite & _all_finite(dense_ys)
         if y_error is not None:
             finite = finite & _all_finite(y_error)
         # A Krylov evaluation that ran out of substeps returns NaN: report the cause.
@@ -362,7 +400,11 @@ class AbstractExponentialSolver(diffrax.AbstractSolver):
     `_step`. The solver state is the running count of operator applications (Krylov
     matvecs plus explicit operator/Jacobian products) over the accepted steps; it is
     returned as `sol.solver_state` when `diffrax.diffeqsolve` is called with
-    `saveat=diffrax.SaveAt(..., solver_state=True)`.
+    `saveat=diffrax.SaveAt(..., solver_state=True)`. When the linear operator is
+    diagonal (see [`krylovexp.KrylovExpm`][]), the fixed-step solvers
+    (`LinearExponential`, `ExponentialEuler`, `ETDRK2`, `ETDRK4`) keep the
+    coefficients `tau^j phi_j(tau L)` of their step in the state as well, as a pair
+    `(count, table)`, and recompute them only when the step size changes.
     """
 
     krylov: eqx.AbstractVar[KrylovExpm | None]
@@ -376,6 +418,19 @@ class AbstractExponentialSolver(diffrax.AbstractSolver):
         ExponentialInterpolation
     )
     _kinds: ClassVar[tuple[str, ...]]
+    # For the coefficient table of a diagonal operator (None: no table): per phimv
+    # sweep of `_step`, the fractions of the step at which it evaluates, and the
+    # highest phi order.
+    _phi_sweeps: ClassVar[tuple[tuple[float, ...], ...] | None] = None
+    _phi_order: ClassVar[int] = 0
+
+    def _phi_table_layout(self):
+        """The table's time scales (sorted, distinct) and each sweep's rows."""
+        scales = tuple(sorted({s for sweep in self._phi_sweeps for s in sweep}))
+        rows = tuple(
+            tuple(scales.index(s) for s in sweep) for sweep in self._phi_sweeps
+        )
+        return scales, rows
 
     def _krylov(self) -> KrylovExpm:
         if self.krylov is not None:
@@ -392,9 +447,17 @@ class AbstractExponentialSolver(diffrax.AbstractSolver):
     def _problem(self, terms) -> _Problem:
         return _classify(type(self).__name__, terms, self._kinds)
 
-    def init(self, terms, t0, t1, y0, args) -> Int[Array, ""]:
-        self._problem(terms)
-        return jnp.asarray(0, dtype=jnp.int32)
+    def init(self, terms, t0, t1, y0, args):
+        problem = self._problem(terms)
+        count = jnp.asarray(0, dtype=jnp.int32)
+        if self._phi_sweeps is None or problem.kind == "general":
+            return count
+        operator = problem.linear.make_operator(args)
+        if not is_diagonal_operator(operator):
+            return count
+        h = _signed_step(problem, terms, jnp.asarray(t0), jnp.asarray(t1))
+        scales, _ = self._phi_table_layout()
+        return count, make_table(operator, h, scales, self._phi_order)
 
     def func(self, terms, t0, y0, args) -> PyTree[Array]:
         problem = self._problem(terms)
@@ -411,16 +474,34 @@ class AbstractExponentialSolver(diffrax.AbstractSolver):
         problem = self._problem(terms)
         t0 = jnp.asarray(t0)
         t1 = jnp.asarray(t1)
-        # The signed step (Diffrax normalises time so that t0 < t1 and keeps the
-        # direction in the control).
-        if problem.kind == "semilinear":
-            h = terms.terms[0].contr(t0, t1)
+        h = _signed_step(problem, terms, t0, t1)
+        count, table = (
+            solver_state if isinstance(solver_state, tuple) else (solver_state, None)
+        )
+
+        def attempt(tracker):
+            y1, y_error, ym = self._step(problem, t0, t1, h, y0, args, tracker)
+            y_error, result, new_count = tracker.finish(y1, y_error, ym, count)
+            return y1, y_error, ym, result, new_count
+
+        if table is None:
+            y1, y_error, ym, result, count = attempt(_Tracker())
+            state = count
         else:
-            h = terms.contr(t0, t1)
-        h = jnp.asarray(h)
-        tracker = _Tracker()
-        y1, y_error, ym = self._step(problem, t0, t1, h, y0, args, tracker)
-        y_error, result, state = tracker.finish(y1, y_error, ym, solver_state)
+            # Steps equal to within the rounding of the time variable use the table.
+            # The table path runs unconditionally, outside control flow, so that
+            # the table stays a loop invariant (reverse mode does not store it per
+            # step); a step of another size is redone with exact phi-functions, in
+            # a rematerialised branch that stores nothing for reverse mode.
+            slack = 16 * jnp.finfo(h.dtype).eps * (jnp.abs(t0) + jnp.abs(t1))
+            _, rows = self._phi_table_layout()
+            looked_up = attempt(_Tracker(table, rows))
+            y1, y_error, ym, result, count = lax.cond(
+                jnp.abs(h - table.step) <= slack,
+                lambda: looked_up,
+                jax.checkpoint(lambda: attempt(_Tracker())),
+            )
+            state = (count, table)
         dense_info = dict(y0=y0, y1=y1, ym=ym)
         return y1, y_error, dense_info, state, result
 
@@ -430,6 +511,16 @@ class AbstractExponentialSolver(diffrax.AbstractSolver):
 
     def _step(self, problem, t0, t1, h, y0, args, tracker):
         raise NotImplementedError
+
+
+def _signed_step(problem, terms, t0, t1):
+    """The signed step (Diffrax normalises time so that t0 < t1 and keeps the
+    direction in the control)."""
+    if problem.kind == "semilinear":
+        h = terms.terms[0].contr(t0, t1)
+    else:
+        h = terms.contr(t0, t1)
+    return jnp.asarray(h)
 
 
 def _split_dense(values):
@@ -464,13 +555,16 @@ class LinearExponential(AbstractExponentialSolver):
     atol: float | None = eqx.field(default=None, static=True)
 
     _kinds: ClassVar[tuple[str, ...]] = ("linear",)
+    _phi_sweeps: ClassVar[tuple[tuple[float, ...], ...] | None] = (_NODES + (1.0,),)
+    _phi_order: ClassVar[int] = 0
 
     def order(self, terms) -> int | None:
         return None
 
     def _step(self, problem, t0, t1, h, y0, args, tracker):
         operator = problem.linear.make_operator(args)
-        values = tracker.add(self._krylov().expmv(operator, y0, self._times(h)))
+        krylov = self._krylov()
+        values = tracker.add(tracker.phimv(krylov, operator, (y0,), self._times(h)))
         y1, ym = _split_dense(values)
         return y1, None, ym
 
@@ -498,6 +592,8 @@ class ExponentialEuler(AbstractExponentialSolver):
     atol: float | None = eqx.field(default=None, static=True)
 
     _kinds: ClassVar[tuple[str, ...]] = ("semilinear",)
+    _phi_sweeps: ClassVar[tuple[tuple[float, ...], ...] | None] = (_NODES + (1.0,),)
+    _phi_order: ClassVar[int] = 1
 
     def order(self, terms) -> int | None:
         return 1
@@ -505,7 +601,8 @@ class ExponentialEuler(AbstractExponentialSolver):
     def _step(self, problem, t0, t1, h, y0, args, tracker):
         operator = problem.linear.make_operator(args)
         n0 = _vf(problem.nonlinear, t0, y0, args)
-        values = tracker.add(self._krylov().phimv(operator, (y0, n0), self._times(h)))
+        krylov = self._krylov()
+        values = tracker.add(tracker.phimv(krylov, operator, (y0, n0), self._times(h)))
         y1, ym = _split_dense(values)
         return y1, None, ym
 
@@ -533,6 +630,8 @@ class ETDRK2(AbstractExponentialSolver):
     atol: float | None = eqx.field(default=None, static=True)
 
     _kinds: ClassVar[tuple[str, ...]] = ("semilinear",)
+    _phi_sweeps: ClassVar[tuple[tuple[float, ...], ...] | None] = (_NODES + (1.0,),) * 2
+    _phi_order: ClassVar[int] = 2
 
     def order(self, terms) -> int | None:
         return 2
@@ -608,6 +707,10 @@ class ETDRK4(AbstractExponentialSolver):
     atol: float | None = eqx.field(default=None, static=True)
 
     _kinds: ClassVar[tuple[str, ...]] = ("semilinear",)
+    _phi_sweeps: ClassVar[tuple[tuple[float, ...], ...] | None] = tuple(
+        tuple(c * s for s in _NODES + (1.0,)) for c in (0.5, 0.5, 1.0, 1.0)
+    )
+    _phi_order: ClassVar[int] = 3
 
     def order(self, terms) -> int | None:
         return 4
