@@ -59,6 +59,7 @@ def test_quickstart_command_at_default_size():
     assert "| result" in run.stdout and "successful" in run.stdout
 
 
+@pytest.mark.slow
 def test_wave_inverse(tmp_path):
     wave = _load("wave_inverse")
     out = wave.main(
@@ -102,6 +103,7 @@ def test_wave_inverse(tmp_path):
         assert _is_png(tmp_path / png)
 
 
+@pytest.mark.slow
 def test_heat_inverse(tmp_path):
     heat = _load("heat_inverse")
     out = heat.main(
