@@ -86,10 +86,11 @@ def bucket_switch(needed: jax.Array, size: int, make_branch, *operands, low: int
 
 
 def safe_norm(x: jax.Array) -> jax.Array:
-    """2-norm whose gradient is zero (not NaN) at `x = 0`."""
+    """2-norm whose gradient is zero (not NaN) at `x = 0`; NaN stays NaN (a NaN from
+    the operator must not turn into a zero vector and an exact breakdown)."""
     sq = jnp.sum(jnp.real(x * jnp.conj(x)))
     positive = sq > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1)), 0)
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1)), 0 * sq)
 
 
 def safe_normalise(x: jax.Array, norm: jax.Array) -> jax.Array:

@@ -291,4 +291,5 @@ def _no_krylov_stats(max_substeps: int, real_dtype) -> dict[str, Array]:
         "max_krylov_dim": jnp.asarray(0, jnp.int32),
         "krylov_dims": jnp.zeros(max_substeps, jnp.int32),
         "error_estimate": jnp.zeros((), real_dtype),
+        "growth_factor": jnp.ones((), real_dtype),
     }

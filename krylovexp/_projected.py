@@ -31,9 +31,12 @@ _THETA = 1.0
 _MAX_SQUARINGS = 40
 
 
-def _scaled_taylor_exp(parts, mul, identity, norm):
+def _scaled_taylor_exp(parts, mul, identity, norm, rounding=False):
     """Scaling and squaring of the degree-18 Taylor polynomial for a matrix given as
-    a tuple of blocks with its own product `mul` (so that structure is kept)."""
+    a tuple of blocks with its own product `mul` (so that structure is kept).
+
+    With `rounding=True` (single block only) returns the result and the bound of
+    `_squarings_with_rounding`."""
     dtype = parts[0].dtype
     c = [jnp.asarray(x, dtype) for x in _TAYLOR]
     squarings = jnp.maximum(0, jnp.ceil(jnp.log2(norm / _THETA)))
@@ -53,11 +56,58 @@ def _scaled_taylor_exp(parts, mul, identity, norm):
     for i in (3, 2, 1, 0):
         result = tuple(x + y for x, y in zip(mul(result, a4), block(i), strict=True))
 
+    if rounding:
+        result, excess = _squarings_with_rounding(result[0], squarings)
+        valid = squarings <= _MAX_SQUARINGS
+        return jnp.where(valid, result, jnp.nan), jnp.where(valid, excess, jnp.inf)
+
     def square(i, r):
         return lax.cond(i < squarings, lambda r: mul(r, r), lambda r: r, r)
 
     result = lax.fori_loop(0, _MAX_SQUARINGS, square, result)
     return tuple(jnp.where(squarings <= _MAX_SQUARINGS, x, jnp.nan) for x in result)
+
+
+def _norm1(x):
+    return jnp.max(jnp.sum(jnp.abs(x), axis=0))
+
+
+def _squarings_with_rounding(x, squarings):
+    """`x^(2^squarings)` by repeated squaring, and a first-order bound on the rounding
+    error the squarings add beyond the unavoidable.
+
+    A rounded product obeys `|fl(XY) - XY| <= u |X| |Y|` elementwise (unit roundoff
+    `u`). If `X_k` carries a relative error `r_k` elementwise, then
+    `|E_{k+1}| <= (2 r_k + u) |X_k| |X_k|`, so in the 1-norm
+    `r_{k+1} <= (2 r_k + u) c_k` with `c_k = ||X_k| |X_k|| / |X_k^2| >= 1` (cf.
+    Higham 2005, §2, on the squaring phase). Without cancellation in the products
+    (a nonnegative matrix, such as the exponential of a real Lanczos matrix, or one
+    diagonally similar to it) `c_k = 1` and `r_s = (2^(s+1) - 1) u`, the accuracy of
+    any scaling and squaring. Far from normal the entries of `X_k^2` cancel and `r_s`
+    explodes, and so does the actual error: a 3x3 operator with eigenvalues ±1.53
+    and a coupling of 3e9 projects (at the breakdown of its Krylov space) onto
+    `H = [[-1.47e9, -1.47e9], [1.47e9, 1.47e9]]`, whose computed `exp(0.1 H)` has
+    norm 1e153 instead of 3e8, and `r_s = 1e88`. Returns the result and
+    `|X_s| max(0, r_s - (2^(s+1) - 1) u)`, the part of the bound beyond the
+    cancellation-free case (zero where the result overflows, which the caller
+    reports as such)."""
+    u = jnp.finfo(x.dtype).eps / 2
+    real = jnp.finfo(x.dtype).dtype
+
+    def square(i, state):
+        def step(state):
+            x, r = state
+            x2 = x @ x
+            magnitude = jnp.abs(x) @ jnp.abs(x)
+            ratio = _norm1(magnitude) / jnp.maximum(_norm1(x2), jnp.finfo(real).tiny)
+            return x2, (2 * r + u) * ratio
+
+        return lax.cond(i < squarings, step, lambda state: state, state)
+
+    x, r = lax.fori_loop(0, _MAX_SQUARINGS, square, (x, jnp.asarray(u, real)))
+    normal = (2.0 ** (squarings + 1) - 1) * u
+    excess = _norm1(x) * jnp.maximum(r - normal, 0).astype(real)
+    return x, jnp.where(jnp.all(jnp.isfinite(x)), excess, 0)
 
 
 def expm_small(matrix: jax.Array) -> jax.Array:
@@ -70,6 +120,17 @@ def expm_small(matrix: jax.Array) -> jax.Array:
     norm = jnp.max(jnp.sum(jnp.abs(matrix), axis=0))
     (result,) = _scaled_taylor_exp((matrix,), lambda a, b: (a[0] @ b[0],), (eye,), norm)
     return result
+
+
+def expm_small_checked(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`expm_small(matrix)` and a bound on the rounding error its squarings add beyond
+    those of a normal matrix (1-norm, absolute; see `_squarings_with_rounding`);
+    infinite where `expm_small` gives NaN."""
+    eye = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
+    norm = _norm1(matrix)
+    return _scaled_taylor_exp(
+        (matrix,), lambda a, b: (a[0] @ b[0],), (eye,), norm, rounding=True
+    )
 
 
 def expm_corner(left: jax.Array, coupling: jax.Array, right: jax.Array) -> jax.Array:
@@ -119,6 +180,90 @@ def exp_coefficients(
         return first_column
 
     return bucket_switch(dim + 1, m1, branch, extended, low=low)
+
+
+# Subdiagonal entries below this fraction of the largest entry of the projected
+# matrix are treated as possibly hiding a larger coupling (see `checked_coefficients`).
+_COUPLING_FLOOR = 1e-2
+# Power iterations for the norm of the projected propagator.
+_POWER_STEPS = 8
+
+
+def _raised_couplings(extended: jax.Array, dim: jax.Array):
+    """`H_ext` with every weak subdiagonal entry raised to its floor, and whether any
+    entry was weak (and the space did not break down)."""
+    m1 = extended.shape[0]
+    index = jnp.arange(m1 - 1)
+    # The scale seen up to step i: the largest entry of the first i + 1 columns.
+    seen = lax.cummax(jnp.max(jnp.abs(extended), axis=0))[: m1 - 1]
+    floor = _COUPLING_FLOOR * seen
+    subdiagonal = jnp.abs(extended[index + 1, index])
+    weak = (index < dim) & (subdiagonal < floor)
+    breakdown = subdiagonal[jnp.maximum(dim - 1, 0)] == 0
+    lifted = jnp.where(weak, floor, subdiagonal).astype(extended.dtype)
+    return extended.at[index + 1, index].set(lifted), jnp.any(weak) & ~breakdown
+
+
+def _spectral_norm(exp: jax.Array, dim: jax.Array) -> jax.Array:
+    """`||exp(tau H_k)||_2` from `exp(tau H_ext)` (its top left k x k block) by power
+    iteration on `X^H X`: a lower bound, accurate to a few per cent on these small
+    matrices."""
+    active = jnp.arange(exp.shape[0]) < dim
+    exp = jnp.where(active[:, None] & active[None, :], exp, 0)
+    y = jnp.where(active, 1.0, 0.0).astype(exp.dtype)
+
+    def power(_, y):
+        z = jnp.conj(exp.T) @ (exp @ y)
+        size = jnp.linalg.norm(z)
+        return jnp.where(size > 0, z / jnp.where(size > 0, size, 1), y)
+
+    y = lax.fori_loop(0, _POWER_STEPS, power, y / jnp.linalg.norm(y))
+    return jnp.linalg.norm(exp @ y)
+
+
+def checked_coefficients(
+    hessenberg: jax.Array, dim: jax.Array, tau: jax.Array, low: int = 1
+):
+    """`exp_coefficients` with what acceptance needs to trust them.
+
+    **Returns:** `(coeffs, rounding, guard, norm)`:
+
+    - `coeffs`: the first column of `exp(tau H_ext)`, as `exp_coefficients`.
+    - `rounding`: the bound of `expm_small_checked` on the rounding error of the small
+      exponential beyond that of a normal matrix (relative to `beta`).
+    - `guard`: Saad's estimate term recomputed with every weak subdiagonal entry
+      raised, or 0 where none is weak. The estimate carries the product of the
+      subdiagonal entries `h_{2,1} ... h_{k+1,k}`; one that is tiny but not zero means
+      the start vector lies close to, not in, an invariant subspace, and the estimate
+      says nothing of how strongly the operator acts beyond it, a direction no matvec
+      has explored yet (`A = [[-3, 0, 0], [1e-9, 0, 0], [0, 1e3, 0]]`, `v = e_1` was
+      accepted at dimension 1 with estimate 3e-10 while the error was 2e-7). An entry
+      `h_{i+1,i}` is weak below `_COUPLING_FLOOR` times the largest entry of columns
+      `1..i` (the operator's scale as seen when it was computed); the guard is the
+      error had the weak couplings been ordinary ones. A breakdown (an exact
+      invariant subspace) gives 0.
+    - `norm`: an estimate of `||exp(tau H_k)||_2`, how much the substep's propagator
+      can amplify a vector of the Krylov space (for `stats['growth_factor']`).
+    """
+    m1, _ = hessenberg.shape
+    extended = extended_hessenberg(hessenberg, dim)
+    raised, use_guard = _raised_couplings(extended, dim)
+    step = jnp.asarray(tau).astype(hessenberg.dtype)
+
+    def branch(b):
+        def run(extended, raised):
+            exp, rounding = expm_small_checked(step * extended[:b, :b])
+            column = jnp.zeros(m1, exp.dtype).at[:b].set(exp[:, 0])
+            guard = lax.cond(
+                use_guard,
+                lambda: jnp.abs(expm_small(step * raised[:b, :b])[dim, 0]),
+                lambda: jnp.zeros((), rounding.dtype),
+            )
+            return column, rounding, guard, _spectral_norm(exp, dim)
+
+        return run
+
+    return bucket_switch(dim + 1, m1, branch, extended, raised, low=low)
 
 
 def error_estimate(decomp: Decomposition, coeffs: jax.Array, dim: jax.Array):

@@ -16,6 +16,14 @@ class RESULTS(eqx.Enumeration):
         "A substep could not meet the requested tolerance even after shrinking its "
         "step size repeatedly; the result may be inaccurate."
     )
+    error_amplified = (
+        "Every substep met the tolerance, but the operator amplifies errors made early "
+        "in the interval so strongly (stats['growth_factor'] * rtol >= 1) that not "
+        "even the first digit of the result can be vouched for. This happens for "
+        "strongly non-normal operators (Pascal- or Jordan-type transient growth) "
+        "split into many substeps; a larger `max_krylov_dim` (fewer substeps) or a "
+        "shorter time helps."
+    )
     nonfinite_input = (
         "The vector, the operator's parameters or the times contain NaN or inf."
     )
@@ -40,9 +48,15 @@ class Solution(eqx.Module):
     - `stats`: a dictionary with `num_matvecs` (operator applications in the forward
         evaluation), `num_substeps`, `num_rejected` (step-size reductions; each one
         reuses the Krylov basis and costs no matvec), `max_krylov_dim` (largest Krylov
-        dimension used), `krylov_dims` (per substep, zero past `num_substeps`) and
+        dimension used), `krylov_dims` (per substep, zero past `num_substeps`),
         `error_estimate` (sum of the local a-posteriori error estimates, an estimate of
-        the absolute 2-norm error).
+        the absolute 2-norm error) and `growth_factor` (at least 1: an estimate of how
+        much the operator amplifies errors made in earlier substeps by the end of the
+        interval, relative to `atol + rtol max(|v|, |value|)`; about 1 for normal and
+        dissipative operators, large for strongly non-normal ones, where the achieved
+        error can exceed the tolerance by up to this factor although every substep met
+        its own; once `growth_factor * rtol >= 1` the result is
+        `RESULTS.error_amplified`).
     """
 
     value: PyTree[Array]

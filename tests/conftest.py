@@ -13,6 +13,7 @@ os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *TEST_FLAGS
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 
 # Double precision, as the references need, unless KRYLOVEXP_TEST_X64=0: then JAX's
@@ -20,6 +21,21 @@ import pytest  # noqa: E402
 # is written for that run; test_float32_run.py starts it in a subprocess).
 X64 = os.environ.get("KRYLOVEXP_TEST_X64", "1") != "0"
 jax.config.update("jax_enable_x64", X64)
+
+
+# Property-based tests (tests/test_properties.py). The default profile, "ci", keeps
+# them to a few examples each (their cost is mostly compilation, one per dtype and
+# configuration). `HYPOTHESIS_PROFILE=thorough python -m pytest
+# tests/test_properties.py` runs hundreds of generated cases per property (about an
+# hour on two cores) and widens the configurations drawn (see
+# `test_properties.CONFIGS`).
+_HYPOTHESIS = dict(
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("ci", max_examples=8, derandomize=True, **_HYPOTHESIS)
+settings.register_profile("thorough", max_examples=600, **_HYPOTHESIS)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 # Every XLA:CPU executable keeps its compiled kernels in memory mappings of its own, and
