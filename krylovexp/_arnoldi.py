@@ -53,6 +53,9 @@ def prefix_rows(orth: Orthogonalisation) -> int:
     return 0 if orth.window is None else orth.head + orth.window
 
 
+_ONE_BUCKET_ROWS = 32
+
+
 def row_buckets(rows: int, first: int = 8) -> tuple[int, ...]:
     """Static row counts `first, 2 first, 4 first, ...` up to `rows` (the last one is
     `rows`).
@@ -60,7 +63,11 @@ def row_buckets(rows: int, first: int = 8) -> tuple[int, ...]:
     One family serves everywhere work should follow the Krylov dimension reached
     rather than the buffer size: the capacities a substep's basis grows through, the
     rows a projection reads, and the sizes of the small exponentials. A last bucket
-    within 25% of `rows` is merged into it."""
+    within 25% of `rows` is merged into it. Up to `_ONE_BUCKET_ROWS` rows there is
+    one bucket: a 32×32 exponential costs microseconds, and every bucket is a
+    compiled copy of the code that uses it."""
+    if rows <= _ONE_BUCKET_ROWS:
+        return (rows,)
     buckets = []
     b = first
     while b < rows:

@@ -189,19 +189,22 @@ _COUPLING_FLOOR = 1e-2
 _POWER_STEPS = 8
 
 
-def _raised_couplings(extended: jax.Array, dim: jax.Array):
-    """`H_ext` with every weak subdiagonal entry raised to its floor, and whether any
-    entry was weak (and the space did not break down)."""
+def _weak_coupling_lift(extended: jax.Array, dim: jax.Array) -> jax.Array:
+    """`prod_i floor_i / h_{i+1,i}` over the weak subdiagonal entries (1 where none is
+    weak, 0 after a breakdown): how much larger Saad's estimate term would be had
+    the weak couplings been ordinary ones (see `checked_coefficients`)."""
     m1 = extended.shape[0]
+    real = jnp.finfo(extended.dtype).dtype
     index = jnp.arange(m1 - 1)
     # The scale seen up to step i: the largest entry of the first i + 1 columns.
     seen = lax.cummax(jnp.max(jnp.abs(extended), axis=0))[: m1 - 1]
     floor = _COUPLING_FLOOR * seen
     subdiagonal = jnp.abs(extended[index + 1, index])
-    weak = (index < dim) & (subdiagonal < floor)
+    weak = (index < dim) & (subdiagonal < floor) & (subdiagonal > 0)
     breakdown = subdiagonal[jnp.maximum(dim - 1, 0)] == 0
-    lifted = jnp.where(weak, floor, subdiagonal).astype(extended.dtype)
-    return extended.at[index + 1, index].set(lifted), jnp.any(weak) & ~breakdown
+    ratio = jnp.where(weak, floor / jnp.where(weak, subdiagonal, 1), 1)
+    log_lift = jnp.minimum(jnp.sum(jnp.log(ratio)), 0.5 * jnp.log(jnp.finfo(real).max))
+    return jnp.where(breakdown, 0, jnp.exp(log_lift))
 
 
 def _spectral_norm(exp: jax.Array, dim: jax.Array) -> jax.Array:
@@ -231,39 +234,38 @@ def checked_coefficients(
     - `coeffs`: the first column of `exp(tau H_ext)`, as `exp_coefficients`.
     - `rounding`: the bound of `expm_small_checked` on the rounding error of the small
       exponential beyond that of a normal matrix (relative to `beta`).
-    - `guard`: Saad's estimate term recomputed with every weak subdiagonal entry
-      raised, or 0 where none is weak. The estimate carries the product of the
-      subdiagonal entries `h_{2,1} ... h_{k+1,k}`; one that is tiny but not zero means
-      the start vector lies close to, not in, an invariant subspace, and the estimate
-      says nothing of how strongly the operator acts beyond it, a direction no matvec
-      has explored yet (`A = [[-3, 0, 0], [1e-9, 0, 0], [0, 1e3, 0]]`, `v = e_1` was
-      accepted at dimension 1 with estimate 3e-10 while the error was 2e-7). An entry
-      `h_{i+1,i}` is weak below `_COUPLING_FLOOR` times the largest entry of columns
-      `1..i` (the operator's scale as seen when it was computed); the guard is the
-      error had the weak couplings been ordinary ones. A breakdown (an exact
-      invariant subspace) gives 0.
+    - `guard`: Saad's estimate term had every weak subdiagonal entry been an ordinary
+      one (0 after a breakdown, an exact invariant subspace). The estimate term, entry
+      `(k+1, 1)` of `exp(tau H_ext)`, is a sum over paths from row 1 down to row
+      `k+1` of the Hessenberg matrix, each of which passes every subdiagonal entry
+      `h_{i+1,i}`: it is proportional to each weak entry to leading order. An entry
+      that is tiny but not zero means the start vector lies close to, not in, an
+      invariant subspace, and the estimate then says nothing of how strongly the
+      operator acts beyond it, a direction no matvec has explored yet
+      (`A = [[-3, 0, 0], [1e-9, 0, 0], [0, 1e3, 0]]`, `v = e_1` was accepted at
+      dimension 1 with estimate 3e-10 while the error was 2e-7). An entry is weak
+      below `_COUPLING_FLOOR` times the largest entry of columns `1..i` (the
+      operator's scale as seen when it was computed); the guard scales the estimate
+      term by `floor_i / h_{i+1,i}` for each.
     - `norm`: an estimate of `||exp(tau H_k)||_2`, how much the substep's propagator
       can amplify a vector of the Krylov space (for `stats['growth_factor']`).
     """
     m1, _ = hessenberg.shape
     extended = extended_hessenberg(hessenberg, dim)
-    raised, use_guard = _raised_couplings(extended, dim)
+    lift = _weak_coupling_lift(extended, dim)
     step = jnp.asarray(tau).astype(hessenberg.dtype)
 
     def branch(b):
-        def run(extended, raised):
+        def run(extended):
             exp, rounding = expm_small_checked(step * extended[:b, :b])
             column = jnp.zeros(m1, exp.dtype).at[:b].set(exp[:, 0])
-            guard = lax.cond(
-                use_guard,
-                lambda: jnp.abs(expm_small(step * raised[:b, :b])[dim, 0]),
-                lambda: jnp.zeros((), rounding.dtype),
-            )
-            return column, rounding, guard, _spectral_norm(exp, dim)
+            return column, rounding, _spectral_norm(exp, dim)
 
         return run
 
-    return bucket_switch(dim + 1, m1, branch, extended, raised, low=low)
+    coeffs, rounding, norm = bucket_switch(dim + 1, m1, branch, extended, low=low)
+    guard = jnp.abs(coeffs[dim]) * lift.astype(rounding.dtype)
+    return coeffs, rounding, guard, norm
 
 
 def error_estimate(decomp: Decomposition, coeffs: jax.Array, dim: jax.Array):
