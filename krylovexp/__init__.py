@@ -3,14 +3,12 @@ exponential integrators for JAX."""
 
 # Matrix functions: exp(tA)v and the phi-functions, their options, adjoints, results,
 # and the exponential as a Lineax operator.
-from ._expm import (
+from ._adjoints import (
     AbstractKrylovAdjoint as AbstractKrylovAdjoint,
     DirectAdjoint as DirectAdjoint,
     KrylovAdjoint as KrylovAdjoint,
-    KrylovExpm as KrylovExpm,
-    expmv as expmv,
-    phimv as phimv,
 )
+from ._expm import KrylovExpm as KrylovExpm, expmv as expmv, phimv as phimv
 from ._linear_operator import ExpmLinearOperator as ExpmLinearOperator
 from ._solution import RESULTS as RESULTS, Solution as Solution
 

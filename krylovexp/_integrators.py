@@ -18,6 +18,9 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
 import numpy as np
+
+# Private Diffrax API (the only import of it in krylovexp), pinned by the `diffrax`
+# version bounds in pyproject.toml.
 from diffrax._term import AdjointTerm, WrapTerm
 from jaxtyping import Array, ArrayLike, Bool, PyTree, Real
 

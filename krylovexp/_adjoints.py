@@ -1,0 +1,56 @@
+"""The adjoints of `KrylovExpm`, i.e. how its derivatives are computed: the
+custom adjoint `KrylovAdjoint` (modes `"solution"` and `"approximation"`,
+implemented in `_backward.py`) or `DirectAdjoint` (autodiff through the loops)."""
+
+from typing import Literal
+
+import equinox as eqx
+
+
+class AbstractKrylovAdjoint(eqx.Module):
+    """How reverse-mode (and forward-mode) derivatives are computed."""
+
+
+class KrylovAdjoint(AbstractKrylovAdjoint):
+    """Reverse mode without differentiating through the loops: only substep
+    boundaries are stored (start vectors in a fixed number of checkpoints), each
+    substep's Krylov basis is rebuilt on the backward pass, peak memory is
+    O(n (max_krylov_dim + 16 + max_substeps / 16)), and the step sizes chosen by the
+    controller are constants. Reverse mode only: for `jax.jvp`/`jax.jacfwd` use
+    [`krylovexp.DirectAdjoint`][].
+
+    **Arguments:**
+
+    - `mode`: what the gradient is the gradient of.
+        - `"solution"` (default): of the exact `exp(τA(θ)) v`, to the tolerance. Per
+          substep, the vector cotangent is `exp(τAᵀ) w̄`, by an adaptive Krylov
+          evaluation with the transposed matvec, and the parameter cotangent is
+          `∫_0^τ ∂θ⟨exp((τ-s)Aᵀ) w̄, A(θ) exp(sA) v⟩ ds`, integrated exactly in the
+          product of the two Krylov spaces (a block exponential, Van Loan 1978) and
+          paid with VJPs of the matvec over the forward basis.
+        - `"approximation"`: of the computed Krylov approximation, exactly (to
+          round-off), by the adjoint of the Arnoldi/Lanczos iteration (Krämer,
+          Moreno-Muñoz, Roy & Hauberg, NeurIPS 2024): the steps are swept in reverse,
+          one VJP of the matvec each. For stiff operators this derivative can be
+          wrong by orders of magnitude even when the value meets its tolerance: the
+          Krylov polynomial is accurate on the directions `v` excites, but a
+          parameter or start-vector perturbation excites rough directions on which
+          it does not damp as `exp(τA)` does.
+    """
+
+    mode: Literal["solution", "approximation"] = eqx.field(
+        default="solution", static=True
+    )
+
+    def __check_init__(self):
+        if self.mode not in ("solution", "approximation"):
+            raise ValueError(
+                f"`mode` must be 'solution' or 'approximation', got {self.mode!r}."
+            )
+
+
+class DirectAdjoint(AbstractKrylovAdjoint):
+    """Differentiate through the Krylov loops with JAX's own autodiff (bounded while
+    loops). Supports forward mode (`jax.jvp`, `jax.jacfwd`) as well as reverse mode,
+    at the price of memory that grows with the number of Krylov steps and substeps.
+    """

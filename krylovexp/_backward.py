@@ -1,0 +1,389 @@
+"""The custom VJP of the Krylov evaluation (`KrylovAdjoint`): the recording forward
+sweep, and the backward pass that rebuilds each substep from its checkpoint and
+carries the cotangents through it, as the adjoint of the exact solution (an
+adaptive sweep of the transposed operator, `_solution_adjoint`) or as the adjoint
+of the Arnoldi/Lanczos iteration."""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from . import _arnoldi as arnoldi
+from ._config import _Config
+from ._projected import (
+    approximation,
+    coefficient_mask,
+    exp_coefficients,
+    exp_gram,
+    extended_hessenberg,
+)
+from ._sweep import _loop, _max_stride
+
+
+@eqx.filter_custom_vjp
+def _evaluate_custom(primals, system, config):
+    params, vector, times = primals
+    final, result, stats = _loop(params, vector, times, system, config, record=False)
+    return final.outputs, result, stats
+
+
+@_evaluate_custom.def_fwd
+def _evaluate_fwd(perturbed, primals, system, config):
+    del perturbed
+    params, vector, times = primals
+    final, result, stats = _loop(params, vector, times, system, config, record=True)
+    residuals = (final.record, final.dims, final.num_substeps)
+    return (final.outputs, result, stats), residuals
+
+
+@_evaluate_custom.def_bwd
+def _evaluate_bwd(residuals, grad_obj, perturbed, primals, system, config):
+    params, vector, times = primals
+    outputs_bar = grad_obj[0]
+    if outputs_bar is None:
+        outputs_bar = jnp.zeros((times.shape[0], vector.shape[0]), vector.dtype)
+    want_params = any(jtu.tree_leaves(perturbed[0]))
+    want_times = any(jtu.tree_leaves(perturbed[2]))
+
+    # Sequential under `vmap`, for the reason given in `_loop`.
+    @jax.custom_batching.sequential_vmap
+    def backward(params, vector, times, residuals, outputs_bar):
+        return _backward(
+            params,
+            vector,
+            times,
+            residuals,
+            outputs_bar,
+            system,
+            config,
+            want_params,
+            want_times,
+        )
+
+    grads = backward(params, vector, times, residuals, outputs_bar)
+    if config.throw:
+        # A NaN the operator's VJP produces on the backward pass only (the forward
+        # pass was finite) must not reach the user as a quiet NaN gradient.
+        finite_in = jnp.all(jnp.isfinite(outputs_bar))
+        finite_out = jnp.all(
+            jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jtu.tree_leaves(grads)])
+        )
+        grads = eqx.error_if(
+            grads,
+            finite_in & ~finite_out,
+            "The gradient of the Krylov matrix function is not finite although its "
+            "cotangent is: the operator's transpose or the VJP of its matvec "
+            "produced NaN/inf on the backward pass.",
+        )
+    return jtu.tree_map(
+        lambda g, p: g if p else None, grads, perturbed, is_leaf=lambda x: x is None
+    )
+
+
+def _backward(
+    params,
+    vector,
+    times,
+    residuals,
+    outputs_bar,
+    system,
+    config,
+    want_params,
+    want_times,
+):
+    rec, dims, num_substeps = residuals
+    num_times = times.shape[0]
+    params_bar = jtu.tree_map(jnp.zeros_like, params)
+    times_bar = jnp.zeros_like(times)
+    w_bar = jnp.zeros_like(vector)
+
+    def rebuild(start, s, buffer=None):
+        return arnoldi.build(
+            system.matvec, params, start, dims[s], config.max_dim, config.orth, buffer
+        )
+
+    def substep_start(k, s, starts):
+        """The start of substep `s`, from its checkpoint and, when the stride is above
+        one, the substeps after it: on entering a segment of `stride` substeps (from
+        its end), all its starts are recomputed into `starts`."""
+        if starts is None:
+            return rec.checkpoints[s], starts
+        first = (s // rec.stride) * rec.stride
+
+        def recompute(starts):
+            def advance(i, carry):
+                starts, w = carry
+                decomp = rebuild(w, first + i)
+                w = approximation(
+                    decomp,
+                    dims[first + i],
+                    rec.taus[first + i],
+                    config.orth,
+                    config.corrected,
+                )
+                return starts.at[i + 1].set(w), w
+
+            w = rec.checkpoints[s // rec.stride]
+            starts = starts.at[0].set(w)
+            return lax.fori_loop(0, s - first, advance, (starts, w))[0]
+
+        refresh = (k == 0) | (s % rec.stride == rec.stride - 1)
+        starts = lax.cond(refresh, recompute, lambda starts: starts, starts)
+        return starts[s - first], starts
+
+    def body(k, carry):
+        w_bar, params_bar, times_bar, starts, basis = carry
+        s = num_substeps - 1 - k
+        dim, tau, time0 = dims[s], rec.taus[s], rec.starts[s]
+        first, last = rec.first[s], rec.last[s]
+        start, starts = substep_start(k, s, starts)
+        # The last substep's basis is kept from the forward pass; earlier ones are
+        # rebuilt in the same buffer from their start vectors.
+        decomp = lax.cond(
+            k == 0,
+            lambda basis: arnoldi.Decomposition((basis,), rec.hessenberg, rec.beta),
+            lambda basis: rebuild(start, s, basis),
+            basis,
+        )
+
+        def value_at(sigma, basis, hessenberg, beta):
+            decomp = arnoldi.Decomposition((basis,), hessenberg, beta)
+            return approximation(decomp, dim, sigma, config.orth, config.corrected)
+
+        def output_bar(j):
+            """The cotangent of output `j` if this substep covered it, else 0."""
+            mine = (j >= first) & (j < last)
+            return jnp.where(mine, outputs_bar[jnp.clip(j, 0, num_times - 1)], 0)
+
+        def offset(j):
+            return times[jnp.clip(j, 0, num_times - 1)] - time0
+
+        # Outputs at the substep's end join the cotangent of its end value; the others
+        # enter the adjoint where they were taken (visited from the end backwards).
+        def at_end(j):
+            return rec.ends[s] & (j == num_times - 1) | (offset(j) == tau)
+
+        end_bar = w_bar
+        for_end = jnp.arange(num_times)
+        end_mask = (for_end >= first) & (for_end < last) & jax.vmap(at_end)(for_end)
+        end_bar = end_bar + jnp.sum(
+            jnp.where(end_mask[:, None], outputs_bar, 0), axis=0
+        )
+        single = arnoldi.single(decomp)
+
+        if want_times:
+            # Output j moves with t_j alone: d u(σ_j) / d t_j = A u(σ_j).
+            def add_time_bar(j, times_bar):
+                _, rate = jax.jvp(
+                    lambda sigma: value_at(
+                        sigma, single, decomp.hessenberg, decomp.beta
+                    ),
+                    (offset(j),),
+                    (jnp.ones_like(tau),),
+                )
+                return times_bar.at[j].add(jnp.real(jnp.sum(output_bar(j) * rate)))
+
+            times_bar = lax.fori_loop(first, last, add_time_bar, times_bar)
+
+        if config.solution_adjoint:
+            # From the end back to the first interior output with a nonzero
+            # cotangent, then on to the next, ..., and finally to the start.
+            def segment_cond(state):
+                j, _, _, _ = state
+                return j >= first - 1
+
+            def segment_body(state):
+                j, lam, params_bar, position = state
+                ubar = output_bar(j)
+                inject = (j >= first) & ~at_end(j) & jnp.any(ubar != 0)
+                stop = jnp.where(j >= first, offset(j), jnp.zeros_like(tau))
+                run = inject | (j == first - 1)
+
+                def advance(lam, params_bar):
+                    return _solution_adjoint(
+                        system,
+                        params,
+                        decomp,
+                        dim,
+                        position,
+                        position - stop,
+                        lam,
+                        params_bar,
+                        config,
+                        want_params,
+                    )
+
+                lam, params_bar = lax.cond(
+                    run,
+                    advance,
+                    lambda lam, params_bar: (lam, params_bar),
+                    lam,
+                    params_bar,
+                )
+                lam = lam + jnp.where(inject, ubar, 0)
+                position = jnp.where(run, stop, position)
+                return j - 1, lam, params_bar, position
+
+            _, start_bar, params_bar, _ = lax.while_loop(
+                segment_cond,
+                segment_body,
+                (last - 1, end_bar, params_bar, tau),
+            )
+        else:
+
+            def cotangents(j, acc):
+                ubar = output_bar(j)
+                _, vjp = jax.vjp(
+                    lambda *d: value_at(offset(j), *d),
+                    single,
+                    decomp.hessenberg,
+                    decomp.beta,
+                )
+                bars = vjp(jnp.where(at_end(j), 0, ubar))
+                return jtu.tree_map(jnp.add, acc, bars)
+
+            _, vjp = jax.vjp(
+                lambda *d: value_at(tau, *d), single, decomp.hessenberg, decomp.beta
+            )
+            bars = lax.fori_loop(first, last, cotangents, vjp(end_bar))
+            basis_bar, hessenberg_bar, beta_bar = bars
+            start_bar, params_bar = arnoldi.reverse_sweep(
+                system.matvec,
+                params,
+                decomp,
+                dim,
+                config.orth,
+                basis_bar,
+                hessenberg_bar,
+                beta_bar,
+                params_bar,
+            )
+        return start_bar, params_bar, times_bar, starts, single
+
+    max_stride = _max_stride(config)
+    starts = (
+        None
+        if max_stride == 1
+        else jnp.zeros((max_stride,) + vector.shape, vector.dtype)
+    )
+    w_bar, params_bar, times_bar, _, _ = lax.fori_loop(
+        0, num_substeps, body, (w_bar, params_bar, times_bar, starts, rec.basis)
+    )
+    return params_bar, w_bar, times_bar
+
+
+class _TransposedSystem(eqx.Module):
+    """`y ↦ Aᵀ y` (JAX's transpose, matching its cotangent convention) of a system."""
+
+    system: Any
+
+    def matvec(self, params, y):
+        _, vjp = jax.vjp(lambda x: self.system.matvec(params, x), jnp.zeros_like(y))
+        return vjp(y)[0]
+
+
+# Rows per batched VJP in `_matvec_vjp_sum`.
+_VJP_CHUNK = 8
+
+
+def _matvec_vjp_sum(system, params, rows, weights, others, orth, count):
+    """`∂θ Σ_{b < count} ⟨c_b, A(θ) rows_b⟩` with the cotangents `c_b = Σ_a
+    weights[a, b] q_a` over the basis `others` (a decomposition whose basis is
+    orthogonalised by `orth`), formed `_VJP_CHUNK` at a time.
+
+    The VJPs of the matvec are batched `_VJP_CHUNK` rows at a time in a loop that
+    stops at `count`: one batch of all rows makes XLA fuse a stencil into a reduction
+    over rows and space, many times slower than applying it row by row, while one row
+    at a time would repeat the parameter-only work of the matvec (an MLP coefficient
+    field, say) for every row."""
+    size = rows.shape[0]
+    chunk = min(_VJP_CHUNK, size)
+
+    def body(i, total):
+        first = i * chunk
+        start = jnp.minimum(first, size - chunk)  # the last chunk may overlap
+        fresh = start + jnp.arange(chunk) >= first
+        chunk_rows = lax.dynamic_slice_in_dim(rows, start, chunk)
+        chunk_weights = lax.dynamic_slice_in_dim(weights, start, chunk, axis=1)
+        chunk_weights = jnp.where(fresh[None, :], chunk_weights, 0)
+        cotangents = arnoldi.weighted_sum(others, chunk_weights, orth)
+        _, vjp = jax.vjp(
+            lambda p: jax.vmap(lambda q: system.matvec(p, q))(chunk_rows), params
+        )
+        return jtu.tree_map(jnp.add, total, vjp(cotangents)[0])
+
+    num_chunks = (count + chunk - 1) // chunk
+    return lax.fori_loop(0, num_chunks, body, jtu.tree_map(jnp.zeros_like, params))
+
+
+def _solution_adjoint(
+    system,
+    params,
+    decomp,
+    dim,
+    position,
+    length,
+    w_bar,
+    params_bar,
+    config: _Config,
+    want_params,
+):
+    """Cotangents of one substep `w ↦ u(tau) = exp(tau A(θ)) w` as the adjoint of the
+    exact solution, over the part `[position - length, position]` of the substep
+    (`w_bar`: the cotangent at `position`; the result: the one at `position - length`
+    and the accumulated parameter cotangent).
+
+    With `λ(s) = exp((tau - s)Aᵀ) w̄` and `u(s) = exp(sA) w`,
+
+        w̄_start = λ(0),    θ̄ += ∫_0^tau ∂θ⟨λ(s), A(θ) u(s)⟩ ds.
+
+    `λ` comes from an adaptive Krylov sweep of the transposed operator from `w̄`; on
+    each of its substeps `λ(s) = Z z(s)` and `u(s) = Q y(s)` (the forward basis), so
+    the integral is `∂θ Σ_b ⟨c_b, A(θ) q_b⟩` with `c_b = Σ_a G[a, b] z_a` and `G` the
+    exact integral of `z(s) y(s)ᵀ` (`exp_gram`): VJPs of the matvec over the
+    forward basis (`_matvec_vjp_sum`), done while the adjoint substep's basis is at
+    hand. Both factors are solutions, smooth where the true ones are, so rough
+    parameter directions are damped as they are by `exp(tau A)`.
+    """
+    orth = config.orth if config.orth.head == 0 else arnoldi.FULL
+    inner = config._replace(orth=orth, solution_adjoint=False, direct=False)
+    forward = extended_hessenberg(decomp.hessenberg, dim)
+    m1 = forward.shape[0]
+    forward_mask = coefficient_mask(m1, dim, config.corrected)
+
+    def visit(time, adjoint, adjoint_dim, adjoint_tau):
+        # This adjoint substep covers s from position - time back by its own tau.
+        # A chunked basis holds both dimensions (`min_capacity` below), so the small
+        # exponentials take its static capacity; a one-buffer basis is bucketed.
+        size = arnoldi.capacity(adjoint, inner.orth)
+        low = 1 if len(adjoint.basis) == 1 else size
+        near = position - time - adjoint_tau
+        y_near = exp_coefficients(decomp.hessenberg, dim, near, low=low)
+        y_near = decomp.beta * y_near
+        extended = extended_hessenberg(adjoint.hessenberg, adjoint_dim)
+        gram = exp_gram(
+            extended, adjoint_dim, forward, dim, y_near, adjoint_tau, low=low
+        )
+        adjoint_mask = coefficient_mask(m1, adjoint_dim, inner.corrected)
+        gram = jnp.where(adjoint_mask[:, None] & forward_mask[None, :], gram, 0)
+        gram = gram * adjoint.beta.astype(gram.dtype)
+        return _matvec_vjp_sum(
+            system, params, arnoldi.single(decomp), gram, adjoint, inner.orth, dim + 1
+        )
+
+    final, _, _ = _loop(
+        params,
+        w_bar,
+        jnp.reshape(length, (1,)),
+        _TransposedSystem(system),
+        inner,
+        False,
+        visit if want_params else None,
+        params_bar if want_params else None,
+        min_capacity=dim + 1 if want_params else None,
+    )
+    return final.outputs[0], (final.visited if want_params else params_bar)

@@ -1,0 +1,20 @@
+"""The static configuration of one Krylov evaluation, `_Config`: resolved from the
+options of `KrylovExpm` (`KrylovExpm._config`) and passed down to the sweep, its
+substeps and the backward pass."""
+
+from typing import NamedTuple
+
+from . import _arnoldi as arnoldi
+
+
+class _Config(NamedTuple):
+    max_dim: int
+    min_dim: int
+    max_substeps: int
+    rtol: float
+    atol: float
+    orth: arnoldi.Orthogonalisation
+    direct: bool
+    corrected: bool
+    solution_adjoint: bool
+    throw: bool = False
