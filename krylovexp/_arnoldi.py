@@ -38,6 +38,11 @@ class Orthogonalisation(NamedTuple):
 
     window: int | None
     head: int = 0
+    # Whether the operator is known to be Hermitian: then the projection is real
+    # symmetric tridiagonal and a step is the three-term recurrence `lanczos_step`.
+    # Otherwise (a tridiagonal projection that is not Hermitian, e.g. of `-i H`) a
+    # window of 2 is orthogonalised against by Gram-Schmidt.
+    hermitian: bool = False
 
 
 FULL = Orthogonalisation(window=None)
@@ -45,7 +50,7 @@ FULL = Orthogonalisation(window=None)
 
 def is_lanczos(orth: Orthogonalisation) -> bool:
     """The three-term recurrence for Hermitian operators."""
-    return orth.window == 2 and orth.head == 0
+    return orth.window == 2 and orth.head == 0 and orth.hermitian
 
 
 def prefix_rows(orth: Orthogonalisation) -> int:

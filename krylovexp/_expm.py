@@ -25,6 +25,7 @@ from ._operator import (
     as_operator,
     check_vector,
     flatten,
+    hermitian_tagged,
     lanczos_applicable,
     operator_dtype,
     operator_size,
@@ -258,7 +259,9 @@ class KrylovExpm(eqx.Module):
         min_dim = min(self.min_krylov_dim, max_dim)
         if method == "lanczos":
             orth = arnoldi.Orthogonalisation(
-                window=2, head=augmented + 1 if augmented else 0
+                window=2,
+                head=augmented + 1 if augmented else 0,
+                hermitian=augmented == 0 and hermitian_tagged(op),
             )
         else:
             orth = arnoldi.FULL

@@ -104,6 +104,20 @@ def flatten(operator: lx.AbstractLinearOperator) -> tuple[Any, FlatSystem]:
     return params, FlatSystem(static, unravel)
 
 
+def hermitian_tagged(operator: lx.AbstractLinearOperator) -> bool:
+    """Whether Lineax's tags say the operator itself is Hermitian: as
+    `lanczos_applicable`, but a scalar factor must be real (`-i H` has a tridiagonal
+    projection that is skew-Hermitian, not Hermitian)."""
+    if isinstance(operator, lx.NegLinearOperator):
+        return hermitian_tagged(operator.operator)
+    if isinstance(operator, (lx.MulLinearOperator, lx.DivLinearOperator)):
+        scalar_complex = jnp.issubdtype(
+            jnp.result_type(operator.scalar), jnp.complexfloating
+        )
+        return not scalar_complex and hermitian_tagged(operator.operator)
+    return lanczos_applicable(operator)
+
+
 def lanczos_applicable(operator: lx.AbstractLinearOperator) -> bool:
     """Whether Lineax's tags say the operator is Hermitian (real symmetric, or complex
     positive/negative semidefinite) up to a scalar factor, so that its projection onto
