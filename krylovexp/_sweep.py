@@ -286,7 +286,8 @@ def _sweep(
         (final.failed, RESULTS.tolerance_not_met),
         (~jnp.all(jnp.isfinite(final.outputs)), RESULTS.nonfinite_output),
         # No significant digit can be vouched for once growth * rtol >= 1.
-        (growth * config.rtol >= 1, RESULTS.error_amplified),
+        # (A tolerance of 1 or more asks for no digit in the first place.)
+        ((config.rtol < 1) & (growth * config.rtol >= 1), RESULTS.error_amplified),
     )
     result = RESULTS.successful
     for condition, code in reversed(outcomes):

@@ -129,6 +129,7 @@ def test_heat_inverse(tmp_path):
     assert _is_png(tmp_path / "kappa.png")
 
 
+@pytest.mark.slow
 def test_reaction_diffusion_fit(tmp_path):
     rd = _load("reaction_diffusion_fit")
     out = rd.main(

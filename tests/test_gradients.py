@@ -134,6 +134,7 @@ def test_grad_stiff_local_parameters(method):
     assert rel_err(derivative, want) > max(1e-4, 100 * error), error
 
 
+@pytest.mark.slow
 def test_grad_schrodinger_local_potential():
     """Complex gradients of the default adjoint: `exp(-i t (L + diag V(θ))) ψ` with a
     potential per node, against autodiff of the dense exponential."""
@@ -187,6 +188,7 @@ class Diffusion(lx.FunctionLinearOperator):
     pass
 
 
+@pytest.mark.slow
 def test_grad_reaches_closed_over_arrays_and_fields_fd():
     """A matrix-free operator whose parameter is closed over, and a custom Module
     operator with the parameter as a field; checked by central differences."""
@@ -262,6 +264,7 @@ def _observe(u):
     return jnp.sum(jnp.sin(jnp.real(u))) + jnp.sum(jnp.abs(u) ** 2)
 
 
+@pytest.mark.slow
 def test_grad_phimv_against_augmented_dense():
     rng = np.random.default_rng(3)
     bs = tuple(jnp.asarray(rng.standard_normal(N)) for _ in range(4))

@@ -336,6 +336,7 @@ def test_gradient_recursive_checkpoint_vs_finite_differences():
     assert jnp.allclose(jnp.vdot(g_y0, direction), fd, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_forward_mode_with_direct_adjoint():
     solver = kx.ETDRK2(krylov=kx.KrylovExpm(rtol=1e-12, adjoint=kx.DirectAdjoint()))
 
@@ -378,6 +379,7 @@ def test_forward_mode_with_direct_adjoint():
         jax.jit(lambda r: jax.jvp(final_default, (r,), (r,))).lower(r)
 
 
+@pytest.mark.slow
 def test_backsolve_adjoint():
     def loss(y0, adjoint):
         sol = diffrax.diffeqsolve(
