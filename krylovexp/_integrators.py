@@ -18,10 +18,6 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
 import numpy as np
-
-# Private Diffrax API (the only import of it in krylovexp), pinned by the `diffrax`
-# version bounds in pyproject.toml.
-from diffrax._term import AdjointTerm, WrapTerm
 from jaxtyping import Array, ArrayLike, Bool, PyTree, Real
 
 from ._diagonal import (
@@ -30,6 +26,7 @@ from ._diagonal import (
     make_table,
     table_phimv,
 )
+from ._diffrax_private import AdjointTerm, WrapTerm
 from ._expm import KrylovExpm
 from ._solution import RESULTS as KRYLOV_RESULTS
 from ._terms import LinearTerm

@@ -33,7 +33,13 @@ NONNORMAL = convection_diffusion_1d(N, velocity=20.0) / 400.0  # ||A|| ~ 10
 
 
 @pytest.mark.parametrize(
-    "dtype", [jnp.float32, jnp.float64, jnp.complex64, jnp.complex128]
+    "dtype",
+    [
+        jnp.float32,
+        jnp.float64,
+        pytest.param(jnp.complex64, marks=pytest.mark.slow),
+        jnp.complex128,
+    ],
 )
 def test_nonnormal_all_dtypes(dtype):
     matrix = NONNORMAL.astype(dtype)
@@ -47,14 +53,18 @@ def test_nonnormal_all_dtypes(dtype):
     assert rel_err(sol.value, expm_ref(matrix, vector, 1.5)) < 10 * tol(dtype)
 
 
-@pytest.mark.parametrize("method", ["auto", "lanczos", "arnoldi"])
+@pytest.mark.parametrize(
+    "method", ["auto", "lanczos", pytest.param("arnoldi", marks=pytest.mark.slow)]
+)
 def test_symmetric_tagged(method):
     matrix = laplacian_1d(N, 3.0) + np.diag(np.linspace(0, 1, N))
     sol = expmv_solution(kx.KrylovExpm(method=method), symmetric_op(matrix), V, 2.0)
     assert rel_err(sol.value, expm_ref(matrix, V, 2.0)) < 1e-8
 
 
-@pytest.mark.parametrize("method", ["auto", "arnoldi"])
+@pytest.mark.parametrize(
+    "method", ["auto", pytest.param("arnoldi", marks=pytest.mark.slow)]
+)
 def test_complex_hermitian_tagged(method):
     h = random_hermitian(N, 2)
     matrix = -(h @ h.conj().T)  # negative semidefinite Hermitian: Lanczos in "auto"
@@ -112,7 +122,13 @@ def test_jacobian_diagonal_and_composed_operators():
     assert rel_err(kx.expmv(composed, y, 1.0), ref) < 1e-8
 
 
-@pytest.mark.parametrize("p", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize(
+    "p",
+    [
+        pytest.param(p, marks=pytest.mark.slow) if p in (0, 2, 4) else p
+        for p in range(5)
+    ],
+)
 def test_phimv_against_augmented_identity(p):
     rng = np.random.default_rng(2)
     vectors = tuple(jnp.asarray(rng.standard_normal(N)) for _ in range(p + 1))
@@ -212,6 +228,7 @@ def test_zero_negative_and_grid_times():
             assert rel_err(out[i], expm_ref(NONNORMAL, V, t)) < 1e-8
 
 
+@pytest.mark.slow
 def test_happy_breakdown():
     """v in a 3-dimensional invariant subspace: the Krylov space is exhausted."""
     rng = np.random.default_rng(4)

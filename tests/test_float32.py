@@ -38,6 +38,7 @@ TOL = tol(jnp.float32)
 
 
 @pytest.mark.skipif(not X64, reason="this is the test that starts the float32 run")
+@pytest.mark.slow
 def test_core_without_x64():
     root = pathlib.Path(__file__).resolve().parent.parent
     env = dict(os.environ, KRYLOVEXP_TEST_X64="0")

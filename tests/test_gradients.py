@@ -86,6 +86,7 @@ def _stiff_laplacian(n=60):
     return lap, x
 
 
+@pytest.mark.slow
 def test_vector_cotangent_is_exact_adjoint_for_stiff_operators():
     """For a stiff operator the derivative of the Krylov approximation with respect to
     v is wrong (its polynomial does not damp rough directions); the default gives
@@ -281,6 +282,7 @@ def test_grad_phimv_against_augmented_dense():
         assert rel_err(g, w) < 1e-9
 
 
+@pytest.mark.slow
 def test_grad_phimv_complex():
     """Complex operator and vectors: value and gradients (operator, vectors, t)."""
     rng = np.random.default_rng(4)
@@ -303,7 +305,9 @@ def test_grad_phimv_complex():
         assert rel_err(g, w) < 1e-9
 
 
-@pytest.mark.parametrize("mode", ["solution", "approximation"])
+@pytest.mark.parametrize(
+    "mode", ["solution", pytest.param("approximation", marks=pytest.mark.slow)]
+)
 def test_grad_phimv_lanczos(mode):
     """φ-functions of a symmetric operator with `method="lanczos"` (Lanczos with the
     augmented head, as KIOPS): gradients with respect to a scale of the operator, the
@@ -343,7 +347,9 @@ def test_grad_time_grid():
     assert rel_err(jax.grad(krylov)(times), jax.grad(dense)(times)) < 1e-9
 
 
-@pytest.mark.parametrize("mode", ["solution", "approximation"])
+@pytest.mark.parametrize(
+    "mode", ["solution", pytest.param("approximation", marks=pytest.mark.slow)]
+)
 def test_grad_many_substeps_beyond_checkpoint_slots(mode):
     """37 substeps over a time grid with 16 checkpoint slots: the forward pass keeps
     every 4th substep start and the backward pass recomputes the others. The

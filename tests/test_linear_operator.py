@@ -18,6 +18,7 @@ NONSYM = convection_diffusion_1d(N, velocity=10.0) / 400.0
 U0 = np.sin(np.linspace(0, 3, N)) + 0.2
 
 
+@pytest.mark.slow
 def test_mv_transpose_and_matrix():
     op = kx.ExpmLinearOperator(jnp.asarray(NONSYM), 0.7, kx.KrylovExpm(rtol=1e-12))
     dense = scipy.linalg.expm(0.7 * NONSYM)
@@ -82,6 +83,7 @@ def test_positive_definite_only_for_hermitian_operators():
         assert _claims_hold(op, dense) == positive
 
 
+@pytest.mark.slow
 def test_backward_diffusion_by_linear_solve():
     """Recover an initial condition from the diffused state: solve exp(tA) u0 = uT."""
     op = lx.MatrixLinearOperator(jnp.asarray(LAP), lx.symmetric_tag)
