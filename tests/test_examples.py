@@ -153,5 +153,19 @@ def test_reaction_diffusion_fit(tmp_path):
     assert _is_png(tmp_path / "fit.png")
 
 
+@pytest.mark.slow
+def test_periodic_varying_coefficient(tmp_path):
+    """The varying-coefficient periodic problem at a small size: both methods train,
+    the Krylov path recovers the field better than the start, and the picture is
+    written."""
+    periodic = _load("periodic_varying_coefficient")
+    out = periodic.main(["--grid=32", "--iters=8", f"--out={tmp_path}"])
+    assert out["failures"] == []
+    for r in out["results"].values():
+        assert np.all(np.isfinite(r["losses"]))
+        assert r["losses"][-1] < r["losses"][0], r["name"]
+    assert _is_png(tmp_path / "field.png")
+
+
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
