@@ -152,6 +152,7 @@ def test_phimv_symmetric_lanczos_and_time_grid():
             assert rel_err(out[i], ref) < 1e-8, (method, t)
 
 
+@pytest.mark.slow
 def test_lanczos_forced_on_nonnormal_operator():
     """`method="lanczos"` on a non-normal operator is the incomplete orthogonalisation
     of KIOPS (window 2): the basis is not orthonormal, but the a-posteriori estimate

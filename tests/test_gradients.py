@@ -408,6 +408,7 @@ def test_grad_breakdown_is_finite_and_exact():
     assert abs(float(got[1])) < 1e-14
 
 
+@pytest.mark.slow
 def test_grad_matches_matfree_at_fixed_dimension():
     """Same Krylov dimension, plain (uncorrected) approximation, one substep: the
     gradient equals that of matfree's funm_arnoldi with its own custom adjoint."""

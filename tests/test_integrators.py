@@ -145,7 +145,7 @@ def args_of(values):
         pytest.param(kx.ExponentialEuler(krylov=TIGHT), 1, marks=pytest.mark.slow),
         pytest.param(kx.ETDRK2(krylov=TIGHT), 2, marks=pytest.mark.slow),
         (kx.ETDRK4(krylov=TIGHT), 4),
-        (kx.Exprb32(krylov=TIGHT), 3),
+        pytest.param(kx.Exprb32(krylov=TIGHT), 3, marks=pytest.mark.slow),
         (kx.Exprb43(krylov=TIGHT), 4),
     ],
     ids=lambda v: type(v).__name__ if not isinstance(v, int) else str(v),
@@ -253,6 +253,7 @@ def test_adaptive_exprb32_semilinear_saveat_ts():
     assert int(sol.stats["num_accepted_steps"]) < 200
 
 
+@pytest.mark.slow
 def test_adaptive_exprb43_odeterm_dense_backward():
     # A plain ODETerm: the Jacobian enters only through JVPs of `full`. Backward in
     # time on the skew-symmetric problem, with dense output.
