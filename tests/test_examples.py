@@ -159,11 +159,16 @@ def test_periodic_varying_coefficient(tmp_path):
     the Krylov path recovers the field better than the start, and the picture is
     written."""
     periodic = _load("periodic_varying_coefficient")
-    out = periodic.main(["--grid=32", "--iters=8", f"--out={tmp_path}"])
+    # Eight Adam steps get the field error from 0.37 to about 0.19: the check is
+    # that it moves toward the truth, not the full run's 0.1.
+    out = periodic.main(
+        ["--grid=32", "--iters=8", "--max-field-error=0.3", f"--out={tmp_path}"]
+    )
     assert out["failures"] == []
     for r in out["results"].values():
         assert np.all(np.isfinite(r["losses"]))
-        assert r["losses"][-1] < r["losses"][0], r["name"]
+        assert r["losses"][-1] < 0.5 * r["losses"][0], r["name"]
+        assert r["field_error"] < 0.3, r["name"]
     assert _is_png(tmp_path / "field.png")
 
 
