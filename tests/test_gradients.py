@@ -160,6 +160,7 @@ def test_grad_schrodinger_local_potential():
     assert rel_err(jax.grad(loss)(theta), jax.grad(dense)(theta)) < 1e-7
 
 
+@pytest.mark.slow
 def test_grad_stiff_substeps_and_lanczos():
     n = 40
     lap = laplacian_1d(n, (n + 1) ** 2)

@@ -418,6 +418,7 @@ def test_backsolve_adjoint():
 # Pytree states, vmap, failures, bad terms.
 
 
+@pytest.mark.slow
 def test_pytree_state_matches_flat_state():
     half = n // 2
 
@@ -456,6 +457,7 @@ def test_pytree_state_matches_flat_state():
     assert rel_err(tree_final, exact(0.5)) < 0.05
 
 
+@pytest.mark.slow
 def test_vmap_over_initial_conditions_and_parameters():
     solver = kx.ExponentialEuler(krylov=TIGHT)
     y0s = jnp.stack([exact(0.0), 0.5 * exact(0.0), exact(0.0) + 0.1])
@@ -470,6 +472,7 @@ def test_vmap_over_initial_conditions_and_parameters():
         assert jnp.allclose(batched[i], one(y0s[i], rs[i]), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_failure_result_codes():
     solver = kx.ExponentialEuler(krylov=TIGHT)
     args = args_of(DIFFUSION)
