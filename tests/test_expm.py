@@ -1,6 +1,5 @@
 """Values of expmv/phimv against dense SciPy exponentials."""
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
@@ -11,20 +10,11 @@ import krylovexp as kx
 from support.measure import rel_err, tol
 from support.operators import convection_diffusion_1d, laplacian_1d, random_hermitian
 from support.references import expm_ref, phi_ref
+from support.solve import expmv_solution, phimv_solution
 
 
 def symmetric_op(matrix):
     return lx.MatrixLinearOperator(jnp.asarray(matrix), lx.symmetric_tag)
-
-
-@eqx.filter_jit
-def expmv_solution(solver, operator, vector, t):
-    return solver.expmv(operator, vector, t)
-
-
-@eqx.filter_jit
-def phimv_solution(solver, operator, vectors, t):
-    return solver.phimv(operator, vectors, t)
 
 
 N = 40

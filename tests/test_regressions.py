@@ -7,7 +7,6 @@ One compiled solver (3x3, float64, rtol 1e-8) serves the small cases; times and
 matrices are traced.
 """
 
-import equinox as eqx
 import jax.numpy as jnp
 import mpmath
 import numpy as np
@@ -16,26 +15,17 @@ import pytest
 import krylovexp as kx
 from support.operators import convection_diffusion_1d
 from support.references import phi_ref
+from support.solve import expmv_solution, phimv_solution
 
 
 RTOL = 1e-8
 SOLVER = kx.KrylovExpm(rtol=RTOL, throw=False)
 
 
-@eqx.filter_jit
-def expmv(solver, matrix, vector, t):
-    return solver.expmv(matrix, vector, t)
-
-
-@eqx.filter_jit
-def phimv(solver, matrix, vectors, t):
-    return solver.phimv(matrix, vectors, t)
-
-
 def solve(matrix, vector, t, solver=SOLVER):
     # Arrays, not Python floats: `filter_jit` compiles once per static value.
     matrix, vector = jnp.asarray(matrix, float), jnp.asarray(vector, float)
-    return expmv(solver, matrix, vector, jnp.asarray(t, float))
+    return expmv_solution(solver, matrix, vector, jnp.asarray(t, float))
 
 
 def mp_expmv(matrix, vector, t):
@@ -105,13 +95,13 @@ def test_pascal_error_amplification_reported():
     n = 100
     matrix = jnp.diag(jnp.arange(1.0, n), -1)
     vector = jnp.zeros(n).at[0].set(1.0)
-    sol = expmv(SOLVER, matrix, vector, jnp.asarray([0.5, 1.0]))
+    sol = expmv_solution(SOLVER, matrix, vector, jnp.asarray([0.5, 1.0]))
     exact = np.stack([0.5 ** np.arange(n), np.ones(n)])
     assert sol.result == kx.RESULTS.error_amplified
     assert float(sol.stats["growth_factor"]) * RTOL >= 1
     error = np.linalg.norm(np.asarray(sol.value)[0] - exact[0])
     assert error <= 10 * RTOL * np.linalg.norm(exact[0])
-    single = expmv(SOLVER, matrix, vector, jnp.asarray([0.5, 0.5]))
+    single = expmv_solution(SOLVER, matrix, vector, jnp.asarray([0.5, 0.5]))
     assert single.result == kx.RESULTS.successful
     assert float(single.stats["growth_factor"]) == 1.0
 
@@ -128,7 +118,7 @@ def test_phi_small_terms_relative_accuracy():
         cases = [(zero, zero, zero, b), (zero, b, zero, zero)]
         cases.append(tuple(b / t**j for j in range(4)))
         for vectors in cases:
-            sol = phimv(SOLVER, matrix, vectors, jnp.asarray(t))
+            sol = phimv_solution(SOLVER, matrix, vectors, jnp.asarray(t))
             reference = phi_ref(np.asarray(matrix), [np.asarray(v) for v in vectors], t)
             assert sol.result == kx.RESULTS.successful
             error = np.linalg.norm(np.asarray(sol.value) - reference)
