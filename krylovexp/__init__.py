@@ -16,14 +16,13 @@ from ._solution import RESULTS as RESULTS, Solution as Solution
 __version__ = "0.1.0"
 
 # Exponential integrators: solvers and the linear term for Diffrax.
-from ._integrators import (
+from ._dense_output import ExponentialInterpolation as ExponentialInterpolation
+from ._etd import (
     ETDRK2 as ETDRK2,
     ETDRK4 as ETDRK4,
-    AbstractExponentialSolver as AbstractExponentialSolver,
     ExponentialEuler as ExponentialEuler,
-    ExponentialInterpolation as ExponentialInterpolation,
-    Exprb32 as Exprb32,
-    Exprb43 as Exprb43,
     LinearExponential as LinearExponential,
 )
+from ._rosenbrock import Exprb32 as Exprb32, Exprb43 as Exprb43
+from ._solver_base import AbstractExponentialSolver as AbstractExponentialSolver
 from ._terms import LinearTerm as LinearTerm
