@@ -1,23 +1,43 @@
 """The adjoints of `KrylovExpm`, i.e. how its derivatives are computed: the
 custom adjoint `KrylovAdjoint` (modes `"solution"` and `"approximation"`,
-implemented in `_backward.py`) or `DirectAdjoint` (autodiff through the loops)."""
+implemented in `_derivatives.py` and `_backward.py`) or `DirectAdjoint` (autodiff
+through the loops). Each one evaluates the sweep in its own way."""
 
+import abc
 from typing import Literal
 
 import equinox as eqx
 
+from ._config import _Config
+from ._derivatives import evaluate_custom
+from ._sweep import _loop
+
 
 class AbstractKrylovAdjoint(eqx.Module):
-    """How reverse-mode (and forward-mode) derivatives are computed."""
+    """How reverse-mode (and forward-mode) derivatives are computed. A subclass
+    implements `evaluate`: run the adaptive sweep of the flat system
+    `system.matvec(params, ·)` from `vector` over `times` and return the outputs (one
+    row per time), the result code and the statistics, differentiable as it
+    chooses."""
+
+    @abc.abstractmethod
+    def evaluate(self, params, vector, times, system, config: _Config):
+        """Return `(outputs, result, stats)` of the sweep."""
 
 
 class KrylovAdjoint(AbstractKrylovAdjoint):
-    """Reverse mode without differentiating through the loops: only substep
-    boundaries are stored (start vectors in a fixed number of checkpoints), each
-    substep's Krylov basis is rebuilt on the backward pass, peak memory is
-    O(n (max_krylov_dim + 16 + max_substeps / 16)), and the step sizes chosen by the
-    controller are constants. Reverse mode only: for `jax.jvp`/`jax.jacfwd` use
-    [`krylovexp.DirectAdjoint`][].
+    """Derivatives without differentiating through the loops; the step sizes and
+    dimensions chosen by the controller are constants.
+
+    Reverse mode: only substep boundaries are stored (start vectors in a fixed number
+    of checkpoints), each substep's Krylov basis is rebuilt on the backward pass, and
+    peak memory is O(n (max_krylov_dim + 16 + max_substeps / 16)).
+
+    Forward mode (`jax.jvp`, `jax.jacfwd`, `diffrax.ForwardMode`): the tangent of the
+    exact solution, `exp(tA) δv + ∫_0^t exp((t-s)A) δA exp(sA) v ds`, is the top block
+    of the exponential of the block operator `[[A, δA], [0, A]]` applied to
+    `[δv; v]` (Van Loan 1978), evaluated by one adaptive sweep to the same tolerance
+    as the value. Second derivatives need [`krylovexp.DirectAdjoint`][].
 
     **Arguments:**
 
@@ -48,9 +68,18 @@ class KrylovAdjoint(AbstractKrylovAdjoint):
                 f"`mode` must be 'solution' or 'approximation', got {self.mode!r}."
             )
 
+    def evaluate(self, params, vector, times, system, config: _Config):
+        config = config._replace(solution_adjoint=self.mode == "solution")
+        return evaluate_custom(params, vector, times, system=system, config=config)
+
 
 class DirectAdjoint(AbstractKrylovAdjoint):
     """Differentiate through the Krylov loops with JAX's own autodiff (bounded while
     loops). Supports forward mode (`jax.jvp`, `jax.jacfwd`) as well as reverse mode,
     at the price of memory that grows with the number of Krylov steps and substeps.
     """
+
+    def evaluate(self, params, vector, times, system, config: _Config):
+        config = config._replace(direct=True)
+        final, result, stats = _loop(params, vector, times, system, config, False)
+        return final.outputs, result, stats

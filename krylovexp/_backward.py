@@ -1,12 +1,9 @@
-"""The custom VJP of the Krylov evaluation (`KrylovAdjoint`): the recording forward
-sweep, and the backward pass that rebuilds each substep from its checkpoint and
-carries the cotangents through it, as the adjoint of the exact solution (an
-adaptive sweep of the transposed operator, `_solution_adjoint`) or as the adjoint
-of the Arnoldi/Lanczos iteration."""
+"""The backward pass of `KrylovAdjoint` (entered from `_derivatives.py`): it rebuilds
+each substep of the recorded forward sweep from its checkpoint and carries the
+cotangents through it, as the adjoint of the exact solution (an adaptive sweep of
+the transposed operator, `_solution_adjoint`) or as the adjoint of the
+Arnoldi/Lanczos iteration."""
 
-from typing import Any
-
-import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -14,6 +11,7 @@ import jax.tree_util as jtu
 
 from . import _arnoldi as arnoldi
 from ._config import _Config
+from ._operator import AbstractSystem
 from ._projected import (
     approximation,
     coefficient_mask,
@@ -22,66 +20,6 @@ from ._projected import (
     extended_hessenberg,
 )
 from ._sweep import _loop, _max_stride
-
-
-@eqx.filter_custom_vjp
-def _evaluate_custom(primals, system, config):
-    params, vector, times = primals
-    final, result, stats = _loop(params, vector, times, system, config, record=False)
-    return final.outputs, result, stats
-
-
-@_evaluate_custom.def_fwd
-def _evaluate_fwd(perturbed, primals, system, config):
-    del perturbed
-    params, vector, times = primals
-    final, result, stats = _loop(params, vector, times, system, config, record=True)
-    residuals = (final.record, final.dims, final.num_substeps)
-    return (final.outputs, result, stats), residuals
-
-
-@_evaluate_custom.def_bwd
-def _evaluate_bwd(residuals, grad_obj, perturbed, primals, system, config):
-    params, vector, times = primals
-    outputs_bar = grad_obj[0]
-    if outputs_bar is None:
-        outputs_bar = jnp.zeros((times.shape[0], vector.shape[0]), vector.dtype)
-    want_params = any(jtu.tree_leaves(perturbed[0]))
-    want_times = any(jtu.tree_leaves(perturbed[2]))
-
-    # Sequential under `vmap`, for the reason given in `_loop`.
-    @jax.custom_batching.sequential_vmap
-    def backward(params, vector, times, residuals, outputs_bar):
-        return _backward(
-            params,
-            vector,
-            times,
-            residuals,
-            outputs_bar,
-            system,
-            config,
-            want_params,
-            want_times,
-        )
-
-    grads = backward(params, vector, times, residuals, outputs_bar)
-    if config.throw:
-        # A NaN the operator's VJP produces on the backward pass only (the forward
-        # pass was finite) must not reach the user as a quiet NaN gradient.
-        finite_in = jnp.all(jnp.isfinite(outputs_bar))
-        finite_out = jnp.all(
-            jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jtu.tree_leaves(grads)])
-        )
-        grads = eqx.error_if(
-            grads,
-            finite_in & ~finite_out,
-            "The gradient of the Krylov matrix function is not finite although its "
-            "cotangent is: the operator's transpose or the VJP of its matvec "
-            "produced NaN/inf on the backward pass.",
-        )
-    return jtu.tree_map(
-        lambda g, p: g if p else None, grads, perturbed, is_leaf=lambda x: x is None
-    )
 
 
 def _backward(
@@ -276,10 +214,10 @@ def _backward(
     return params_bar, w_bar, times_bar
 
 
-class _TransposedSystem(eqx.Module):
+class _TransposedSystem(AbstractSystem):
     """`y ↦ Aᵀ y` (JAX's transpose, matching its cotangent convention) of a system."""
 
-    system: Any
+    system: AbstractSystem
 
     def matvec(self, params, y):
         _, vjp = jax.vjp(lambda x: self.system.matvec(params, x), jnp.zeros_like(y))

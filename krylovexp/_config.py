@@ -14,7 +14,9 @@ class _Config(NamedTuple):
     rtol: float
     atol: float
     orth: arnoldi.Orthogonalisation
-    direct: bool
     corrected: bool
-    solution_adjoint: bool
     throw: bool = False
+    # Set by the adjoint's `evaluate`: loops JAX can differentiate (`DirectAdjoint`),
+    # and the adjoint of the exact solution (`KrylovAdjoint(mode="solution")`).
+    direct: bool = False
+    solution_adjoint: bool = False

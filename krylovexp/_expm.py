@@ -16,12 +16,11 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, PyTree, Real
 
 from . import _arnoldi as arnoldi
-from ._adjoints import AbstractKrylovAdjoint, DirectAdjoint, KrylovAdjoint
-from ._backward import _evaluate_custom
+from ._adjoints import AbstractKrylovAdjoint, KrylovAdjoint
 from ._config import _Config
 from ._diagonal import diagonal_phimv, is_diagonal_operator
 from ._operator import (
-    FlatSystem,
+    AbstractSystem,
     as_operator,
     check_vector,
     flatten,
@@ -31,7 +30,6 @@ from ._operator import (
     operator_size,
 )
 from ._solution import RESULTS, Solution
-from ._sweep import _loop
 
 
 _DEFAULT_MAX_DIM = {"arnoldi": 64, "lanczos": 100}
@@ -216,20 +214,9 @@ class KrylovExpm(eqx.Module):
         times = jnp.atleast_1d(t).astype(real_dtype)
         size = operator_size(op) + augmented
         config = self._config(op, size, augmented, real_dtype)
-        try:
-            outputs, result, stats = _evaluate(
-                (params, flat_vector, times), system, config
-            )
-        except TypeError as e:
-            if "forward-mode" in str(e) or "jvp" in str(e):
-                raise TypeError(
-                    "Forward-mode autodiff (jax.jvp, jax.jacfwd, diffrax.ForwardMode) "
-                    "is not available with the default custom adjoint "
-                    "krylovexp.KrylovAdjoint(). Pass "
-                    "`adjoint=krylovexp.DirectAdjoint()` to differentiate through the "
-                    "Krylov loops instead."
-                ) from e
-            raise
+        outputs, result, stats = self.adjoint.evaluate(
+            params, flat_vector, times, system, config
+        )
         # The result code and statistics carry no derivative information.
         result, stats = lax.stop_gradient((result, stats))
         n = flat_vector.shape[0] - augmented
@@ -275,9 +262,6 @@ class KrylovExpm(eqx.Module):
             rtol=float(rtol),
             atol=float(atol),
             orth=orth,
-            direct=isinstance(self.adjoint, DirectAdjoint),
-            solution_adjoint=isinstance(self.adjoint, KrylovAdjoint)
-            and self.adjoint.mode == "solution",
             corrected=self.corrected,
             throw=self.throw,
         )
@@ -316,11 +300,11 @@ def _tail_scales(norms, t):
     return lax.stop_gradient(jnp.exp(log_scale))
 
 
-class _AugmentedSystem(eqx.Module):
+class _AugmentedSystem(AbstractSystem):
     """The augmented operator `[[A, W D^-1], [0, D J D^-1]]` of the phi-function
     identity, with the tail scaling `D` of `_tail_scales`."""
 
-    base: FlatSystem
+    base: AbstractSystem
 
     def matvec(self, params, x):
         # coupling rows: b_p / d_p, ..., b_1 / d_1; ratios: d_j / d_(j-1), j = p..2.
@@ -331,16 +315,6 @@ class _AugmentedSystem(eqx.Module):
         top = self.base.matvec(base_params, head) + tail @ coupling
         shifted = jnp.concatenate([ratios * tail[1:], jnp.zeros(1, tail.dtype)])
         return jnp.concatenate([top, shifted])
-
-
-def _evaluate(primals, system, config: _Config):
-    if config.direct:
-        params, vector, times = primals
-        final, result, stats = _loop(
-            params, vector, times, system, config, record=False
-        )
-        return final.outputs, result, stats
-    return _evaluate_custom(primals, system, config)
 
 
 # ---------------------------------------------------------------------------------

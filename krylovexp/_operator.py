@@ -1,6 +1,7 @@
 """Turning user input (Lineax operators or arrays, pytree vectors) into a matvec on
 flat 1-D vectors, with trace-time validation."""
 
+import abc
 from collections.abc import Callable
 from typing import Any
 
@@ -79,7 +80,21 @@ def operator_size(operator: lx.AbstractLinearOperator) -> int:
     return sum(x.size for x in jtu.tree_leaves(operator.in_structure()))
 
 
-class FlatSystem(eqx.Module):
+class AbstractSystem(eqx.Module):
+    """A linear map on flat 1-D vectors, `x ↦ A(params) x`, whose arrays `params` are
+    passed apart from the (static) map, so that tangents and cotangents reach them.
+    The sweep, its substeps and the adjoints see operators only through this.
+    Subclasses: `FlatSystem` (a user's operator), the augmented operator of `phimv`
+    (`_expm._AugmentedSystem`), the transposed operator of the backward pass
+    (`_backward._TransposedSystem`) and the block operator of forward mode
+    (`_derivatives._PerturbationSystem`)."""
+
+    @abc.abstractmethod
+    def matvec(self, params, x):
+        """`A(params) x` for a flat vector `x`."""
+
+
+class FlatSystem(AbstractSystem):
     """An operator as `matvec(params, x)` on flat vectors. `params` (kept apart, see
     `flatten`) holds every floating-point array of the operator, fields and arrays
     closed over by its function alike, so that cotangents reach them."""

@@ -133,6 +133,12 @@ def test_grad_stiff_local_parameters(method):
     derivative = jax.grad(loss)(theta, kx.KrylovAdjoint(mode="approximation"))
     # The failure mode the default avoids: far above the tolerance of the value.
     assert rel_err(derivative, want) > max(1e-4, 100 * error), error
+    # Forward mode of the default adjoint is the tangent of the exact solution too.
+    direction = jnp.cos(11 * problem.x)
+    _, tangent = jax.jvp(
+        lambda th: loss(th, kx.KrylovAdjoint()), (theta,), (direction,)
+    )
+    assert rel_err(tangent, want @ direction) < 1e-6
 
 
 @pytest.mark.slow
@@ -454,9 +460,44 @@ def test_forward_mode_with_direct_adjoint():
     assert rel_err(jac, jsl.expm(0.5 * A)) < 1e-9
 
 
-def test_forward_mode_with_custom_adjoint_names_the_option():
-    with pytest.raises(TypeError, match="DirectAdjoint"):
-        jax.jvp(lambda s: kx.expmv(s * A, V, 0.9), (1.0,), (1.0,))
+@pytest.mark.parametrize("complex_", [False, True])
+def test_forward_mode_with_custom_adjoint(complex_):
+    """The default adjoint's forward mode (the block-exponential tangent of the exact
+    solution) against forward-mode autodiff of the dense exponential: a joint
+    tangent of the operator, the vector and the time, and `jacfwd` in the vector."""
+    matrix, vector = (AC, VC) if complex_ else (A, V)
+    rng = np.random.default_rng(7)
+    direction = jnp.asarray(rng.standard_normal(matrix.shape), matrix.dtype)
+    primals = (matrix, vector, 0.8)
+    tangents = (direction, vector[::-1], 0.3)
+    krylov = jax.jit(lambda m, v, t: kx.expmv(m, v, t, rtol=1e-12))
+    value, tangent = jax.jvp(krylov, primals, tangents)
+    _, want = jax.jvp(lambda m, v, t: jsl.expm(t * m) @ v, primals, tangents)
+    assert rel_err(value, jsl.expm(0.8 * matrix) @ vector) < 1e-10
+    assert rel_err(tangent, want) < 1e-9
+    jac = jax.jacfwd(lambda v: krylov(matrix, v, -0.5), holomorphic=complex_)(vector)
+    assert rel_err(jac, jsl.expm(-0.5 * matrix)) < 1e-9
+
+
+def test_forward_mode_phimv_and_second_order_message():
+    """`phimv` tangents in the operator and in `b_1`, against the augmented dense
+    identity; second derivatives in forward mode name `DirectAdjoint`."""
+    b = (V, jnp.cos(V), jnp.sin(V))
+
+    def dense(matrix, b1):
+        W = jnp.stack([b[2], b1], axis=1)
+        augmented = jnp.block([[matrix, W], [jnp.zeros((2, N)), jnp.eye(2, k=1)]])
+        start = jnp.concatenate([b[0], jnp.array([0.0, 1.0])])
+        return (jsl.expm(0.6 * augmented) @ start)[:N]
+
+    def krylov(matrix, b1):
+        return kx.phimv(matrix, (b[0], b1, b[2]), 0.6, rtol=1e-12)
+
+    primals, tangents = (A, b[1]), (A.T, V)
+    got = jax.jvp(krylov, primals, tangents)[1]
+    assert rel_err(got, jax.jvp(dense, primals, tangents)[1]) < 1e-9
+    with pytest.raises((NotImplementedError, RuntimeError), match="DirectAdjoint"):
+        jax.jacfwd(jax.jacfwd(lambda s: kx.expmv(s * A, V, 0.5)))(1.0)
 
 
 def test_vmap_of_grad_and_float32():
