@@ -21,6 +21,7 @@ from ._projected import (
     exp_gram,
     extended_hessenberg,
 )
+from ._solution import error_if
 from ._sweep import _loop, _max_stride
 
 
@@ -72,7 +73,7 @@ def _evaluate_bwd(residuals, grad_obj, perturbed, primals, system, config):
         finite_out = jnp.all(
             jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jtu.tree_leaves(grads)])
         )
-        grads = eqx.error_if(
+        grads = error_if(
             grads,
             finite_in & ~finite_out,
             "The gradient of the Krylov matrix function is not finite although its "

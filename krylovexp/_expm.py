@@ -30,7 +30,7 @@ from ._operator import (
     operator_dtype,
     operator_size,
 )
-from ._solution import RESULTS, Solution
+from ._solution import RESULTS, Solution, error_if
 from ._sweep import _loop
 
 
@@ -235,7 +235,7 @@ class KrylovExpm(eqx.Module):
         n = flat_vector.shape[0] - augmented
         outputs = outputs[:, :n]
         if self.throw:
-            outputs = result.error_if(outputs, result != RESULTS.successful)
+            outputs = error_if(outputs, result != RESULTS.successful, result)
         value = jax.vmap(unravel)(outputs)
         if t.ndim == 0:
             value = jtu.tree_map(lambda x: x[0], value)
