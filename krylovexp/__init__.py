@@ -26,4 +26,7 @@ from ._integrators import (
     Exprb43 as Exprb43,
     LinearExponential as LinearExponential,
 )
+
+# Sharded states: a grid split over a device mesh, with halo-exchange stencils.
+from ._sharding import ShardedGrid as ShardedGrid
 from ._terms import LinearTerm as LinearTerm
