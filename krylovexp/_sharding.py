@@ -214,6 +214,11 @@ class ShardedGrid(eqx.Module):
 
         **Returns:** a `lineax.FunctionLinearOperator` on block-layout states.
         """
+        if not 1 <= width <= min(self.block_shape):
+            raise ValueError(
+                f"The halo width must be between 1 and the smaller side of a block "
+                f"{self.block_shape}; got {width}."
+            )
         if dtype is None:
             dtype = fields[0].dtype if fields else jnp.result_type(float)
         matvec = self._local(fn, len(fields), width)
@@ -244,7 +249,7 @@ class ShardedGrid(eqx.Module):
         **Returns:** a `lineax.FunctionLinearOperator`; one matvec exchanges one
         halo row (column) with each neighbour along each split axis.
         """
-        hx, hy = (spacing, spacing) if jnp.ndim(spacing) == 0 else spacing
+        hx, hy = spacing if isinstance(spacing, (tuple, list)) else (spacing, spacing)
         scales = (1 / hx**2, 1 / hy**2)
         interior = (slice(1, -1), slice(1, -1))
 

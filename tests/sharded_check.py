@@ -224,7 +224,66 @@ def check_integrators():
     return report
 
 
+def roll_stencil(u, offsets):
+    """`Σ w u(i + di, j + dj)` for `offsets = {(di, dj): w}`, periodic."""
+    return sum(
+        w * np.roll(u, (-di, -dj), axis=(0, 1)) for (di, dj), w in offsets.items()
+    )
+
+
+NINE_POINT = {(0, 0): -20.0, **{o: 4.0 for o in ((1, 0), (-1, 0), (0, 1), (0, -1))}}
+NINE_POINT.update({o: 1.0 for o in ((1, 1), (1, -1), (-1, 1), (-1, -1))})
+# A width-2 stencil (fourth-order Laplacian along x, one-sided mixed term along y).
+WIDE = {(0, 0): -2.5, (2, 0): -1 / 12, (-2, 0): -1 / 12, (1, 0): 4 / 3}
+WIDE.update({(-1, 0): 4 / 3, (0, 2): 0.5, (-2, -2): 0.25})
+
+
+def local_stencil(offsets, width):
+    """The same stencil on a block padded by `width`."""
+
+    def fn(u):
+        bx, by = u.shape[0] - 2 * width, u.shape[1] - 2 * width
+        return sum(
+            w * u[width + di : width + di + bx, width + dj : width + dj + by]
+            for (di, dj), w in offsets.items()
+        )
+
+    return fn
+
+
+def check_stencils():
+    """Matvecs of stencils with corners (9-point) and of halo width 2, on the 2×4
+    mesh, on rows split over both mesh axes at once, and on one device, against
+    `np.roll`; and the variable-coefficient Laplacian against its formula."""
+    grids = {
+        "2x4": GRIDS["2x4"](),
+        "rows over x and y": make_grid((2, 4), ("x", "y"), (("x", "y"), None)),
+        "single": GRIDS["single"](),
+    }
+    kappa, u, _ = fields(np.float64)
+    face = lambda axis: 0.5 * (kappa + np.roll(kappa, -1, axis))  # noqa: E731
+    flux = lambda axis: face(axis) * (np.roll(u, -1, axis) - u)  # noqa: E731
+    expected = {
+        "nine_point": roll_stencil(u, NINE_POINT),
+        "wide": roll_stencil(u, WIDE),
+        "laplacian": sum(flux(a) - np.roll(flux(a), 1, a) for a in (0, 1)) / H**2,
+    }
+    errors = {}
+    for name, grid in grids.items():
+        k, v = on(grid, kappa, u)
+        ops = {
+            "nine_point": grid.stencil(local_stencil(NINE_POINT, 1), dtype=v.dtype),
+            "wide": grid.stencil(local_stencil(WIDE, 2), width=2, dtype=v.dtype),
+            "laplacian": grid.laplacian(k, H),
+        }
+        for key, op in ops.items():
+            out = np.asarray(grid.from_blocks(jax.jit(lambda v: op.mv(v))(v)))  # noqa: B023
+            errors[f"{name}: {key}"] = rel_err(out, expected[key])
+    return {"errors": errors}
+
+
 CHECKS = {
+    "stencils": check_stencils,
     "expmv": check_expmv,
     "mesh1d": lambda: check_expmv("8x1"),
     "float32": check_float32,

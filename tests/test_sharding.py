@@ -13,7 +13,12 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
+from jax.sharding import AxisType
+
+import krylovexp as kx
 
 
 SCRIPT = pathlib.Path(__file__).resolve().parent / "sharded_check.py"
@@ -55,9 +60,13 @@ def assert_no_gather(report, name):
 
 
 def test_sharded_expmv_and_gradient():
-    """`exp(tA)u` of a variable-coefficient diffusion operator and its VJP with
-    respect to the coefficient field and `u`, on a 2×4 mesh."""
-    report = run_checks("expmv")["expmv"]
+    """Stencil matvecs (corners, halo width 2, rows split over two mesh axes) against
+    `np.roll`; `exp(tA)u` of a variable-coefficient diffusion operator and its VJP
+    with respect to the coefficient field and `u`, on a 2×4 mesh."""
+    out = run_checks("stencils", "expmv")
+    for name, error in out["stencils"]["errors"].items():
+        assert error < TOL, name
+    report = out["expmv"]
     value, kappa_bar, u_bar = report["errors"]
     assert value < TOL and kappa_bar < TOL and u_bar < TOL, report["errors"]
     assert_no_gather(report, "expmv")
@@ -83,3 +92,39 @@ def test_sharded_phimv_integrators_float32_and_row_mesh():
     assert single["finite"]
     assert max(single["errors"]) < TOL_FLOAT32, single["errors"]
     assert_no_gather(single, "float32")
+
+
+def _mesh(axis_type=AxisType.Auto):
+    return jax.make_mesh((1,), ("x",), axis_types=(axis_type,))
+
+
+def test_grid_checks():
+    """Trace-time errors with a message that says what to do (one device suffices)."""
+    with pytest.raises(ValueError, match="AxisType.Auto"):
+        kx.ShardedGrid((8, 8), _mesh(AxisType.Explicit), ("x", None))
+    with pytest.raises(ValueError, match="not an axis of the mesh"):
+        kx.ShardedGrid((8, 8), _mesh(), ("z", None))
+    with pytest.raises(ValueError, match="used twice"):
+        kx.ShardedGrid((8, 8), _mesh(), ("x", "x"))
+    with pytest.raises(ValueError, match="two entries"):
+        kx.ShardedGrid((8, 8, 8), _mesh(), ("x", None))
+    grid = kx.ShardedGrid((8, 6), _mesh(), ("x", None))
+    with pytest.raises(ValueError, match="halo width"):
+        grid.stencil(lambda u: u[3:-3, 3:-3], width=7)
+    with pytest.raises(ValueError, match="shape"):
+        grid.to_blocks(np.zeros((6, 8)))
+
+
+def test_grid_on_one_device():
+    """Block layout round trip, and the diffusion operator: symmetric, zero on
+    constants, negative definite on the rest (Lanczos applies)."""
+    grid = kx.ShardedGrid((8, 6), _mesh(), ("x", None))
+    field = np.arange(48.0).reshape(8, 6)
+    blocks = grid.to_blocks(field)
+    assert blocks.shape == (1, 1, 8, 6)
+    np.testing.assert_array_equal(grid.from_blocks(blocks), field)
+    kappa = grid.to_blocks(1 + 0.5 * np.cos(field))
+    matrix = np.asarray(grid.laplacian(kappa, (0.5, 0.25)).as_matrix())
+    np.testing.assert_allclose(matrix, matrix.T, atol=1e-12)
+    np.testing.assert_allclose(matrix @ np.ones(48), 0, atol=1e-12)
+    assert np.sort(np.linalg.eigvalsh(matrix))[-2] < 0
