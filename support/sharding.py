@@ -6,7 +6,7 @@
   practice: before importing jax, in a fresh process).
 - `collectives(hlo_text)`: the collective operations in a compiled program
   (`jax.jit(f).lower(...).compile().as_text()`), with their shapes and the
-  computation (loop body, branch, entry) each sits in.
+  computation (loop body, branch, `ENTRY ...`) each sits in.
 - `step_collectives(hlo_text)`: those in the loop bodies that exchange halos: the
   collectives of one Krylov step.
 """
@@ -20,14 +20,16 @@ from typing import NamedTuple
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 
-def host_devices(count: int) -> None:
+def host_devices(count: int, cpu_only: bool = True) -> None:
     """Add `--xla_force_host_platform_device_count=count` to `XLA_FLAGS` (unless a
-    device count is already set there) and make JAX use the CPU. No effect once JAX
-    has started its backend."""
+    device count is already set there), and with `cpu_only` make JAX use the CPU
+    (else an accelerator, where there is one, stays JAX's default; the flag only
+    concerns the CPU). No effect once JAX has started its backend."""
     flags = os.environ.get("XLA_FLAGS", "")
     if _DEVICE_FLAG not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_FLAG}={count}".strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if cpu_only:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 class Collective(NamedTuple):
@@ -59,6 +61,8 @@ def collectives(hlo_text: str) -> list[Collective]:
         header = _COMPUTATION.match(line)
         if header:
             computation = header.group(1)
+            if line.startswith("ENTRY"):
+                computation = "ENTRY " + computation
             continue
         match = _LINE.search(line)
         if not match:
@@ -73,14 +77,15 @@ def collectives(hlo_text: str) -> list[Collective]:
 
 
 def step_collectives(hlo_text: str) -> dict[str, list[Collective]]:
-    """The collectives of each computation (a loop body) that holds a halo exchange
-    (`collective-permute`): per Krylov step, the operator's halo exchange and the
-    reductions of the orthogonalisation."""
+    """The collectives of each computation other than the entry (a loop body, a
+    branch) that holds a halo exchange (`collective-permute`): per Krylov step, the
+    operator's halo exchange and the reductions of the orthogonalisation."""
     by_computation: dict[str, list[Collective]] = {}
     for c in collectives(hlo_text):
         by_computation.setdefault(c.computation, []).append(c)
     return {
         name: ops
         for name, ops in by_computation.items()
-        if any(c.op == "collective-permute" for c in ops)
+        if not name.startswith("ENTRY")
+        and any(c.op == "collective-permute" for c in ops)
     }
