@@ -276,6 +276,8 @@ def check_stencils():
             "wide": grid.stencil(local_stencil(WIDE, 2), width=2, dtype=v.dtype),
             "laplacian": grid.laplacian(k, H),
         }
+        if name != "2x4":  # the other layouts: the stencils with corners only
+            ops = {"nine_point": ops["nine_point"], "wide": ops["wide"]}
         for key, op in ops.items():
             out = np.asarray(grid.from_blocks(jax.jit(lambda v: op.mv(v))(v)))  # noqa: B023
             errors[f"{name}: {key}"] = rel_err(out, expected[key])
