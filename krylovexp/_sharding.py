@@ -173,6 +173,11 @@ class ShardedGrid(eqx.Module):
     def _local(self, fn: Callable, num_fields: int, width: int) -> Callable:
         """`fn(u_padded, *fields)` on every device's block, as a function of global
         block-layout arrays."""
+        if not 1 <= width <= min(self.block_shape):
+            raise ValueError(
+                f"The halo width must be between 1 and the smaller side of a block "
+                f"{self.block_shape}; got {width}."
+            )
 
         def local(u, *fields):
             squeeze = lambda a: a.reshape(a.shape[2:])  # noqa: E731
@@ -214,11 +219,6 @@ class ShardedGrid(eqx.Module):
 
         **Returns:** a `lineax.FunctionLinearOperator` on block-layout states.
         """
-        if not 1 <= width <= min(self.block_shape):
-            raise ValueError(
-                f"The halo width must be between 1 and the smaller side of a block "
-                f"{self.block_shape}; got {width}."
-            )
         if dtype is None:
             dtype = fields[0].dtype if fields else jnp.result_type(float)
         matvec = self._local(fn, len(fields), width)
