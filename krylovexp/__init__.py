@@ -24,5 +24,8 @@ from ._etd import (
     LinearExponential as LinearExponential,
 )
 from ._rosenbrock import Exprb32 as Exprb32, Exprb43 as Exprb43
+
+# Sharded states: a grid split over a device mesh, with halo-exchange stencils.
+from ._sharding import ShardedGrid as ShardedGrid
 from ._solver_base import AbstractExponentialSolver as AbstractExponentialSolver
 from ._terms import LinearTerm as LinearTerm

@@ -14,6 +14,7 @@ from . import _arnoldi as arnoldi
 from ._backward import _backward
 from ._config import _Config
 from ._operator import AbstractSystem
+from ._solution import error_if
 from ._sweep import _loop
 
 
@@ -174,7 +175,7 @@ def _tangent_transpose(inputs, cotangents):
         finite_out = jnp.all(
             jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jtu.tree_leaves(grads)])
         )
-        grads = eqx.error_if(
+        grads = error_if(
             grads,
             finite_in & ~finite_out,
             "The gradient of the Krylov matrix function is not finite although its "

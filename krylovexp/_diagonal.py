@@ -13,7 +13,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, Inexact, PyTree, Real
 
 from ._operator import operator_dtype
-from ._solution import RESULTS, Solution
+from ._solution import RESULTS, Solution, error_if
 
 
 # |z| below which phi_j(z) comes from its Taylor series (and above which from the
@@ -210,7 +210,7 @@ def diagonal_phimv(
     )
     result = jax.lax.stop_gradient(result)
     if solver.throw:
-        outputs = result.error_if(outputs, result != RESULTS.successful)
+        outputs = error_if(outputs, result != RESULTS.successful, result)
     value = jax.vmap(unravel)(outputs)
     if scalar:
         value = jtu.tree_map(lambda x: x[0], value)

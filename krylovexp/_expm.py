@@ -29,7 +29,7 @@ from ._operator import (
     operator_dtype,
     operator_size,
 )
-from ._solution import RESULTS, Solution
+from ._solution import RESULTS, Solution, error_if
 
 
 _DEFAULT_MAX_DIM = {"arnoldi": 64, "lanczos": 100}
@@ -192,10 +192,11 @@ class KrylovExpm(eqx.Module):
         coupling = coupling / scales[:, None].astype(coupling.dtype)
         dtype = flats[0].dtype
         tail = jnp.zeros(p, dtype).at[-1].set(scales[-1].astype(dtype))
-        start = jnp.concatenate([flats[0], tail])
+        system = _AugmentedSystem(base, _tail_groups(flats[0].shape[0], p))
+        start = system.join(flats[0], tail)
         ratios = (scales[:-1] / scales[1:]).astype(coupling.dtype)
         params = (base_params, coupling, ratios)
-        return self._run(params, _AugmentedSystem(base), op, start, unravel, t, p)
+        return self._run(params, system, op, start, unravel, t, p)
 
     def _run(self, params, system, op, flat_vector, unravel, t, augmented):
         dtype = operator_dtype(op)
@@ -219,10 +220,10 @@ class KrylovExpm(eqx.Module):
         )
         # The result code and statistics carry no derivative information.
         result, stats = lax.stop_gradient((result, stats))
-        n = flat_vector.shape[0] - augmented
-        outputs = outputs[:, :n]
+        if augmented:
+            outputs = jax.vmap(lambda x: system.split(x, augmented)[0])(outputs)
         if self.throw:
-            outputs = result.error_if(outputs, result != RESULTS.successful)
+            outputs = error_if(outputs, result != RESULTS.successful, result)
         value = jax.vmap(unravel)(outputs)
         if t.ndim == 0:
             value = jtu.tree_map(lambda x: x[0], value)
@@ -300,21 +301,60 @@ def _tail_scales(norms, t):
     return lax.stop_gradient(jnp.exp(log_scale))
 
 
+# See `_tail_groups`.
+_MAX_TAIL_GROUPS = 64
+
+
+def _tail_groups(n: int, p: int) -> int:
+    """Into how many equal parts `_AugmentedSystem` splits the head of its vectors:
+    the largest power of two up to `_MAX_TAIL_GROUPS` that divides `n` and keeps the
+    padding (`p` entries per part) within `n / 16`; 1 for a small or odd `n`."""
+    groups = 1
+    while (
+        2 * groups <= _MAX_TAIL_GROUPS
+        and n % (2 * groups) == 0
+        and 2 * groups * p * 16 <= n
+    ):
+        groups *= 2
+    return groups
+
+
 class _AugmentedSystem(AbstractSystem):
     """The augmented operator `[[A, W D^-1], [0, D J D^-1]]` of the phi-function
-    identity, with the tail scaling `D` of `_tail_scales`."""
+    identity, with the tail scaling `D` of `_tail_scales`.
+
+    Its vectors hold the head (length n) in `groups` equal parts, each followed by
+    `p` slots: the tail in those of the first part, zeros (which stay zero) in the
+    others (`join`, `split`). With one part this is `[head; tail]`. A head sharded
+    over up to `groups` devices (a power of two) keeps its tiles in this layout;
+    after a plain concatenation each device's tile would straddle its neighbour's
+    and XLA would gather the whole vector at every matvec."""
 
     base: AbstractSystem
+    groups: int = eqx.field(static=True)
+
+    def join(self, head, tail):
+        if self.groups == 1:
+            return jnp.concatenate([head, tail])
+        parts = head.reshape(self.groups, -1)
+        slots = jnp.zeros((self.groups, tail.shape[0]), tail.dtype).at[0].set(tail)
+        return jnp.concatenate([parts, slots], axis=1).reshape(-1)
+
+    def split(self, x, p):
+        """`(head, tail)` of an augmented vector with a tail of length `p`."""
+        if self.groups == 1:
+            n = x.shape[0] - p
+            return x[:n], x[n:]
+        parts = x.reshape(self.groups, -1)
+        return parts[:, :-p].reshape(-1), parts[0, -p:]
 
     def matvec(self, params, x):
         # coupling rows: b_p / d_p, ..., b_1 / d_1; ratios: d_j / d_(j-1), j = p..2.
         base_params, coupling, ratios = params
-        p = coupling.shape[0]
-        n = x.shape[0] - p
-        head, tail = x[:n], x[n:]
+        head, tail = self.split(x, coupling.shape[0])
         top = self.base.matvec(base_params, head) + tail @ coupling
         shifted = jnp.concatenate([ratios * tail[1:], jnp.zeros(1, tail.dtype)])
-        return jnp.concatenate([top, shifted])
+        return self.join(top, shifted)
 
 
 # ---------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""Result codes and the solution object."""
+"""Result codes, the solution object, and the run-time check that raises them."""
 
 import equinox as eqx
-from jaxtyping import Array, PyTree
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, Bool, PyTree
 
 
 class RESULTS(eqx.Enumeration):
@@ -62,3 +64,21 @@ class Solution(eqx.Module):
     value: PyTree[Array]
     result: RESULTS
     stats: dict[str, Array]
+
+
+def error_if(tree: PyTree[Array], pred: Bool[Array, ""], error) -> PyTree[Array]:
+    """`eqx.error_if(tree, pred, error)` for a message `error`, or
+    `error.error_if(tree, pred)` for a [`krylovexp.RESULTS`][] value, with the check
+    threaded through a scalar.
+
+    `error_if` passes its argument through a `lax.cond` whose failing branch is a host
+    callback, and XLA places the callback's output on one device: a state sharded
+    over several devices would be gathered whole onto every device on every call,
+    failing or not. The check runs on a zero scalar instead, which is added to every
+    leaf (the sum is the leaf; NaN and inf stay as they are)."""
+    zero = jnp.zeros(())
+    if isinstance(error, str):
+        zero = eqx.error_if(zero, pred, error)
+    else:
+        zero = error.error_if(zero, pred)
+    return jtu.tree_map(lambda x: x + zero.astype(x.dtype), tree)

@@ -10,6 +10,8 @@ library (the `krylovexp` package does not depend on it and does not ship it).
 - `support.fields`: smooth random fields (Gaussian-spectrum cosine series).
 - `support.peers`: the matfree Krylov exponential used as a peer.
 - `support.cli`: the command-line style shared by examples and benchmarks.
+- `support.sharding`: simulated CPU devices, and the collectives of a compiled
+  program (the sharding test and example).
 
 Tests import it through pytest's `pythonpath` setting; scripts run as
 `python examples/x.py` or `python benchmarks/x.py` put the repository root on `sys.path`

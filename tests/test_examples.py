@@ -3,6 +3,7 @@ decreases and the recovered parameters move toward the truth (so the examples ca
 rot)."""
 
 import importlib.util
+import json
 import os
 import pathlib
 import subprocess
@@ -170,6 +171,34 @@ def test_periodic_varying_coefficient(tmp_path):
         assert r["losses"][-1] < 0.5 * r["losses"][0], r["name"]
         assert r["field_error"] < 0.3, r["name"]
     assert _is_png(tmp_path / "field.png")
+
+
+@pytest.mark.slow
+def test_sharded_heat(tmp_path):
+    """`python examples/sharded_heat.py` at a small size in a fresh process (it asks
+    for 8 CPU devices before JAX starts): it exits 0, which it does only when the
+    sharded values and gradients agree with one device, the output stays sharded and
+    the compiled gradient gathers nothing; and its report says so."""
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "sharded_heat.py"),
+            "--grid=32",
+            "--repeats=1",
+            f"--out={tmp_path}",
+        ],
+        cwd=EXAMPLES.parent,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["sharded"]["devices"] == 8
+    assert report["sharded"]["gathers"] == []
+    assert max(report["agreement"].values()) < 1e-10
+    assert (tmp_path / "collectives.txt").read_text().count("collective-permute") > 0
 
 
 if __name__ == "__main__":
