@@ -8,7 +8,7 @@ import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jax.interpreters import ad
+from jax.interpreters import ad, batching
 
 from . import _arnoldi as arnoldi
 from ._backward import _backward
@@ -33,8 +33,17 @@ def _evaluate_jvp(primals, tangents, *, system, config):
     no_tangent = jtu.tree_map(lambda _: None, (result, stats))
     if all(t is None for t in jtu.tree_leaves(tangents, is_leaf=_is_none)):
         return (final.outputs, result, stats), (None, *no_tangent)
+    # The tangents come first, so that `_tangent_batch_rule` finds them.
+    num_tangents = len(jtu.tree_leaves(tangents))
     (outputs_dot,) = eqxi.filter_primitive_bind(
-        _tangent_p, primals, final.outputs, residuals, tangents, system, config
+        _tangent_p,
+        num_tangents,
+        tangents,
+        primals,
+        final.outputs,
+        residuals,
+        system,
+        config,
     )
     return (final.outputs, result, stats), (outputs_dot, *no_tangent)
 
@@ -47,18 +56,20 @@ def _is_undefined(x) -> bool:
     return isinstance(x, ad.UndefinedPrimal)
 
 
-def _tangent_abstract_eval(primals, outputs, residuals, tangents, system, config):
-    del primals, residuals, tangents, system, config
+def _tangent_abstract_eval(
+    num_tangents, tangents, primals, outputs, residuals, system, config
+):
+    del num_tangents, tangents, primals, residuals, system, config
     return (jax.core.ShapedArray(outputs.shape, outputs.dtype),)
 
 
-def _tangent_impl(primals, outputs, residuals, tangents, system, config):
+def _tangent_impl(num_tangents, tangents, primals, outputs, residuals, system, config):
     """Forward mode: `d/dε exp(t (A + εB)) (v + εδv) = exp(tA) δv + ∫_0^t exp((t-s)A)
     B exp(sA) v ds` is the top block of `exp(tM) [δv; v]`, `M = [[A, B], [0, A]]`
     (Van Loan 1978), with `B` the JVP of the matvec in the parameter tangent; one
     adaptive sweep of `M` evaluates it to the tolerance, as the value. A time tangent
     adds `δt_j A u(t_j)`."""
-    del residuals
+    del num_tangents, residuals
     params, vector, times = primals
     params_dot, vector_dot, times_dot = tangents
     tangent = jnp.zeros_like(outputs)
@@ -143,7 +154,7 @@ def _tangent_jvp(primals, tangents):
 
 def _tangent_transpose(inputs, cotangents):
     """Reverse mode: the transpose of the tangent map is the backward pass."""
-    primals, _, residuals, tangents, system, config = inputs
+    _, tangents, primals, outputs, residuals, system, config = inputs
     (outputs_bar,) = cotangents
     params, vector, times = primals
     params_dot, vector_dot, times_dot = tangents
@@ -195,8 +206,8 @@ def _tangent_transpose(inputs, cotangents):
         times_bar if want_times else None,
     )
     # Only the tangents are linear inputs; everything else gets no cotangent.
-    none = jtu.tree_map(lambda _: None, (primals, inputs[1], residuals))
-    return (*none, tangents_bar, *jtu.tree_map(lambda _: None, (system, config)))
+    rest = jtu.tree_map(lambda _: None, (primals, outputs, residuals, system, config))
+    return (None, tangents_bar, *rest)
 
 
 _tangent_p = eqxi.create_vprim(
@@ -206,3 +217,23 @@ _tangent_p = eqxi.create_vprim(
     eqxi.filter_primitive_jvp(_tangent_jvp),
     eqxi.filter_primitive_transpose(materialise_zeros=True)(_tangent_transpose),
 )
+_vmapped_batch_rule = batching.fancy_primitive_batchers[_tangent_p]
+
+
+def _tangent_batch_rule(axis_data, inputs, batch_axes, **params):
+    """Under `vmap` the transpose returns one cotangent per batch member; a tangent
+    shared by the batch (a parameter tangent under `vmap(f, in_axes=(None, 0))`)
+    needs their sum. Broadcasting such tangents first makes the transpose of the
+    broadcast do the sum."""
+    if any(b is not None for b in batch_axes):
+        num_tangents = params["static"][0]
+        inputs, batch_axes = list(inputs), list(batch_axes)
+        for i in range(num_tangents):
+            if batch_axes[i] is None:
+                x = inputs[i]
+                inputs[i] = jnp.broadcast_to(x, (axis_data.size,) + jnp.shape(x))
+                batch_axes[i] = 0
+    return _vmapped_batch_rule(axis_data, tuple(inputs), tuple(batch_axes), **params)
+
+
+batching.fancy_primitive_batchers[_tangent_p] = _tangent_batch_rule

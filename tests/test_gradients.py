@@ -514,6 +514,28 @@ def test_vmap_of_grad_and_float32():
     assert rel_err(g32, want32) < 1e-4
 
 
+def test_grad_of_vmap_with_a_shared_operator():
+    """A batch of start vectors under one operator (`vmap(f, in_axes=(None, 0))`, as
+    in training on many initial conditions): the operator's gradient sums the batch,
+    and forward mode under `vmap` shares the operator's tangent."""
+    vectors = jnp.stack([V, V[::-1], jnp.cos(V)])
+
+    def loss(solve, matrix):
+        return jnp.sum(jax.vmap(solve, in_axes=(None, 0))(matrix, vectors) ** 2)
+
+    def krylov(m, v):
+        return kx.expmv(m, v, 0.7, rtol=1e-12)
+
+    def dense(m, v):
+        return jsl.expm(0.7 * m) @ v
+
+    got = jax.jit(jax.grad(lambda m: loss(krylov, m)))(A)
+    assert rel_err(got, jax.grad(lambda m: loss(dense, m))(A)) < 1e-9
+    tangents = jax.vmap(lambda v: jax.jvp(lambda m: krylov(m, v), (A,), (A.T,))[1])
+    want = jax.vmap(lambda v: jax.jvp(lambda m: dense(m, v), (A,), (A.T,))[1])
+    assert rel_err(tangents(vectors), want(vectors)) < 1e-9
+
+
 def test_vmap_with_direct_adjoint():
     """`DirectAdjoint` batches its loops with plain `vmap` (no sequential map, so
     every member runs until the slowest is done): values over a batch of vectors and
