@@ -287,9 +287,14 @@ def wave_comparison(stage: Stage) -> list[str]:
         if r is None:
             lines.append(f"| {name} | not run | | | {paper} | {paper_s} | |")
             continue
+
+        def num(x, spec):
+            return "–" if x is None or x != x else format(x, spec)
+
         lines.append(
-            f"| {name} | {r['sec_per_epoch']:.4f} | {r['median_sec_per_epoch']:.4f} "
-            f"| {r['compile']:.1f} | {paper} | {paper_s} | "
+            f"| {name} | {num(r['sec_per_epoch'], '.4f')} "
+            f"| {num(r['median_sec_per_epoch'], '.4f')} "
+            f"| {num(r['compile'], '.1f')} | {paper} | {paper_s} | "
             f"{'ok' if not r['failed'] else r['failed']} |"
         )
     return lines
