@@ -15,7 +15,16 @@ call) is measured against an independent evaluation; cross-checked against Diffr
 Dopri8 at rtol = atol = 1e-11. Reference gradients: `∇_u0 L = 2 exp(T Aᵀ) u(T)` and
 `∂L/∂θ_i = 2 u(T)ᵀ [exp of the block matrix [[TA, T E_i], [0, TA]]] [0; u0]`
 (Fréchet derivative; A is affine in θ with `E_i = ∂A/∂θ_i`). Errors are relative
-2-norms.
+2-norms. SciPy's cost grows like grid⁴ (size × ‖TA‖), so `--reference dopri8` (the
+default above 128²) computes the same three quantities with Diffrax Dopri8 at
+rtol = 1e-11 in float64 on the JAX device instead (`∂u/∂θ_i` by the forward-sensitivity
+system `s' = A s + E_i u`, `∇_u0 L` through the transposed matvec), and estimates
+‖TA‖₂ by power iteration.
+
+`--dtype float32` runs every method in single precision (float32 θ, u0, operator and
+Diffrax times) against the same float64 reference, so the error column still measures
+the method; rtols below 1e-5 (krylovexp's float32 default) are raised to 1e-5 and the
+table says so, and the Diffrax tolerance search stops at 1e-7.
 
 For each requested rtol, the peers are tuned to reach *equal or better* error than the
 one krylovexp achieved at that rtol (if krylovexp is unavailable: the rtol itself):
@@ -32,6 +41,7 @@ Run (from the repository root):
 """
 
 import argparse
+import dataclasses
 import math
 import os
 import pathlib
@@ -77,6 +87,10 @@ else:
 
 
 METHODS = ("krylovexp", "matfree", "tsit5", "dopri5", "scipy")
+# Lowest rtol asked of a float32 run (krylovexp's float32 default); a float32 Diffrax
+# search stops at rtol 10^(-J_MAX_FLOAT32/2) = 1e-7.
+RTOL_FLOOR_FLOAT32 = 1e-5
+J_MAX_FLOAT32 = 14
 
 
 # --------------------------------------------------------------------------- helpers
@@ -157,6 +171,79 @@ def norms(p: Problem):
     return norm2, radius
 
 
+def _dopri8_final(p: Problem, rhs, y0):
+    """`y(T)` of `y' = rhs(y)`, `y(0) = y0`, by Diffrax Dopri8 at rtol = 1e-11."""
+    scale = jnp.max(jnp.abs(y0))
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: rhs(y)),
+        dfx.Dopri8(),
+        0.0,
+        p.T,
+        None,
+        y0,
+        stepsize_controller=dfx.PIDController(rtol=1e-11, atol=1e-11 * scale),
+        max_steps=200_000,
+    )
+    return sol.ys[-1]
+
+
+def reference_dopri8(p: Problem):
+    """The references of `reference` by Dopri8 in float64 on the JAX device: `u(T)`,
+    `∇_u0 L = 2 exp(TAᵀ) u(T)` (transposed matvec) and `∂L/∂θ_i = 2 u(T)ᵀ s_i(T)` with
+    the forward sensitivity `s_i' = A s_i + E_i u`, `s_i(0) = 0` (A is affine in θ)."""
+    theta = jnp.asarray(p.theta, jnp.float64)
+    u0 = jnp.asarray(p.u0, jnp.float64)
+    n = u0.size
+
+    def apply(v, th=theta):
+        return p.matvec(v, th)
+
+    transpose = jax.linear_transpose(apply, u0)
+    uT = jax.jit(lambda v: _dopri8_final(p, apply, v))(u0)
+    g_u0 = 2 * jax.jit(lambda v: _dopri8_final(p, lambda w: transpose(w)[0], v))(uT)
+
+    @jax.jit
+    def sensitivity(th_i):
+        def rhs(y):
+            u, s = y[:n], y[n:]
+            e_u = p.matvec(u, th_i) - apply(u)
+            return jnp.concatenate([apply(u), apply(s) + e_u])
+
+        return _dopri8_final(p, rhs, jnp.concatenate([u0, jnp.zeros_like(u0)]))[n:]
+
+    flat = np.atleast_1d(p.theta)
+    g_theta = []
+    for i in range(flat.size):
+        th_i = (flat + np.eye(flat.size)[i]).reshape(np.shape(p.theta))
+        g_theta.append(2 * float(uT @ sensitivity(jnp.asarray(th_i))))
+    g_theta = np.asarray(g_theta).reshape(np.shape(p.theta))
+    return np.asarray(uT), (g_theta, np.asarray(g_u0))
+
+
+def norms_power(p: Problem, iters=300):
+    """‖TA‖₂ by power iteration on (TA)ᵀ(TA) in JAX (a slight underestimate); the
+    spectral radius is not computed (NaN)."""
+    theta = jnp.asarray(p.theta, jnp.float64)
+    u0 = jnp.asarray(p.u0, jnp.float64)
+
+    def apply(v):
+        return p.T * p.matvec(v, theta)
+
+    transpose = jax.linear_transpose(apply, u0)
+
+    @jax.jit
+    def run(v):
+        def body(_, v):
+            w = transpose(apply(v))[0]
+            return w / jnp.linalg.norm(w)
+
+        v = jax.lax.fori_loop(0, iters, body, v / jnp.linalg.norm(v))
+        return jnp.linalg.norm(apply(v))
+
+    start = jax.random.normal(jax.random.key(0), u0.shape, jnp.float64)
+    return float(run(start)), float("nan")
+
+
 # ----------------------------------------------------------------------- the methods
 
 
@@ -165,8 +252,8 @@ def diffrax_solve(p: Problem, solver, theta, u0, rtol, atol):
     sol = dfx.diffeqsolve(
         term,
         solver,
-        0.0,
-        p.T,
+        jnp.zeros((), u0.dtype),
+        jnp.asarray(p.T, u0.dtype),
         None,
         u0,
         args=theta,
@@ -186,7 +273,7 @@ _DIFFRAX_CACHE = {}
 
 def _diffrax_compiled(p: Problem, name, solver, args):
     """Forward and gradient, compiled once per (problem, solver); traced rtol/atol."""
-    key = (p.name, p.n, name)
+    key = (p.name, p.n, name, str(args[1].dtype))
     if key not in _DIFFRAX_CACHE:
 
         def fwd(th, v, rtol, atol):
@@ -205,9 +292,10 @@ def _diffrax_compiled(p: Problem, name, solver, args):
 def run_diffrax(p, name, solver, target, ref, gref, theta, u0, repeats):
     """Loosest half-decade PID tolerance reaching error <= target, then time it."""
     scale = float(np.max(np.abs(p.u0)))
+    j_max = 26 if u0.dtype == jnp.float64 else J_MAX_FLOAT32
 
     def tols(rtol):
-        return jnp.asarray(rtol), jnp.asarray(rtol * scale)
+        return jnp.asarray(rtol, u0.dtype), jnp.asarray(rtol * scale, u0.dtype)
 
     fwd_c, grad_c = _diffrax_compiled(p, name, solver, (theta, u0, *tols(1e-6)))
 
@@ -217,16 +305,16 @@ def run_diffrax(p, name, solver, target, ref, gref, theta, u0, repeats):
 
     # start two decades looser than the target, then walk to the loosest grid point
     # that meets it (the error is close to monotone in rtol)
-    j = int(np.clip(np.ceil(-2 * np.log10(target)) - 4, 4, 26))
+    j = int(np.clip(np.ceil(-2 * np.log10(target)) - 4, 4, j_max))
     if meets(j):
         while j > 4 and meets(j - 1):
             j -= 1
         reached = True
     else:
-        while j < 26 and not meets(j + 1):
+        while j < j_max and not meets(j + 1):
             j += 1
-        reached = j < 26
-        j = min(j + 1, 26)
+        reached = j < j_max
+        j = min(j + 1, j_max)
     rtol = 10.0 ** (-j / 2)
     args = (theta, u0, *tols(rtol))
     (y, steps), t_fwd = bench(fwd_c, *args, repeats=repeats, warm_up=False)
@@ -390,14 +478,59 @@ def fmt(x, spec):
     return format(x, spec)
 
 
+def write_table(out, rows, notes=()):
+    """The Markdown table of `rows` (and any failure notes below it), written to
+    `<out>/table.md`; returns it."""
+    lines = [
+        "| problem | rtol → target error; Cheb. bound | method | setting | error "
+        "| ∇θ error | ∇u0 error | forward ms | gradient ms | grad/fwd | matvecs "
+        "| matvecs/Cheb | grad memory MB | fwd vs best peer | grad vs best peer |",
+        "|" + "---|" * 15,
+    ]
+    for name, label, r in rows:
+        lines.append(
+            f"| {name} | {label} | {r['method']} | {r['setting']} | {r['err']:.1e} "
+            f"| {fmt(r['gerr'][0], '.1e')} | {fmt(r['gerr'][1], '.1e')} "
+            f"| {fmt(r['fwd'], '.1f')} | {fmt(r['grad'], '.1f')} "
+            f"| {fmt(r['grad'] / r['fwd'], '.2f')} | {r['matvecs']} "
+            f"| {fmt(r.get('cheb'), '.2f')} | {fmt(r['mem'], '.1f')} "
+            f"| {fmt(r.get('vs_fwd'), '.3f')} | {fmt(r.get('vs_grad'), '.3f')} |"
+        )
+    if notes:
+        lines += [""] + [f"- {note}" for note in notes]
+    table = "\n".join(lines)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    return table
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(
         parser, script="bench_expm", methods=METHODS, grid=128, grid_help="n (n×n grid)"
     )
     parser.add_argument("--problems", type=comma_list(), default=["A", "B"])
-    parser.add_argument("--rtols", type=comma_list(float), default=[1e-4, 1e-8])
+    parser.add_argument(
+        "--rtols",
+        type=comma_list(float),
+        default=None,
+        help="default 1e-4,1e-8 (float64), 1e-4 (float32)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--dtype",
+        default="float64",
+        choices=["float64", "float32"],
+        help="precision of the methods (the references are always float64)",
+    )
+    parser.add_argument(
+        "--reference",
+        default="auto",
+        choices=["auto", "scipy", "dopri8"],
+        help="SciPy expm_multiply, or Diffrax Dopri8 on the JAX device (auto: SciPy up "
+        "to 128², Dopri8 above)",
+    )
     parser.add_argument(
         "--atol",
         type=float,
@@ -406,12 +539,26 @@ def main():
     )
     args = parser.parse_args()
     methods = resolve_methods(args.methods, METHODS)
-    rtols = args.rtols
+    dtype = jnp.dtype(args.dtype)
+    single = dtype == jnp.float32
+    rtols = args.rtols or ([1e-4] if single else [1e-4, 1e-8])
+    notes = []  # failures and adjustments, printed below the table
+    if single:  # krylovexp's float32 default is the floor; keep the order, no repeats
+        if min(rtols) < RTOL_FLOOR_FLOAT32:
+            requested = ", ".join(f"{r:g}" for r in rtols)
+            notes.append(
+                f"float32: rtols below {RTOL_FLOOR_FLOAT32:g} (requested {requested}) "
+                f"raised to {RTOL_FLOOR_FLOAT32:g}"
+            )
+            print(notes[-1])
+        rtols = list(dict.fromkeys(max(r, RTOL_FLOOR_FLOAT32) for r in rtols))
+    use_scipy = args.reference == "scipy" or (
+        args.reference == "auto" and args.grid <= 128
+    )
     t_start = time.perf_counter()
-    lines = []  # the Markdown table, also written to <out>/table.md
 
     print(
-        f"jax {jax.__version__} ({jax.default_backend()}, float64), "
+        f"jax {jax.__version__} ({jax.default_backend()}, {args.dtype}), "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}, "
         f"repeats={args.repeats} (median)"
@@ -423,23 +570,39 @@ def main():
     summary = []
     for name in args.problems:
         p = PROBLEMS[name](n=args.grid)
-        theta, u0 = jnp.asarray(p.theta), jnp.asarray(p.u0)
-        norm2, radius = norms(p)
-        ref, gref = reference(p)
+        label_name = name if not single else f"{name} (float32)"
+        if use_scipy:
+            norm2, radius = norms(p)
+            ref, gref = reference(p)
 
-        def dopri8(th, v, p=p):
-            return diffrax_solve(p, dfx.Dopri8(), th, v, 1e-11, 1e-11)
+            def dopri8(th, v, p=p):
+                return diffrax_solve(p, dfx.Dopri8(), th, v, 1e-11, 1e-11)
 
-        y8, steps8 = jax.jit(dopri8)(theta, u0)
+            y8, steps8 = jax.jit(dopri8)(jnp.asarray(p.theta), jnp.asarray(p.u0))
+            ref_note = (
+                f"reference vs Dopri8 (rtol = atol = 1e-11, {int(steps8)} steps): "
+                f"{rel_err(y8, ref):.1e}."
+            )
+        else:
+            tic = time.perf_counter()
+            norm2, radius = norms_power(p)
+            ref, gref = reference_dopri8(p)
+            ref_note = (
+                "reference: Dopri8 rtol 1e-11, float64 "
+                f"({time.perf_counter() - tic:.1f} s with the norm estimate)."
+            )
         print(
             f"\nProblem {name}: {p.description}; size {p.u0.size}, "
-            f"‖TA‖₂ = {norm2:.4g}, spectral radius of TA = {radius:.4g}; "
-            f"reference vs Dopri8 (rtol = atol = 1e-11, {int(steps8)} steps): "
-            f"{rel_err(y8, ref):.1e}.",
+            f"‖TA‖₂ = {norm2:.4g}, spectral radius of TA = {fmt(radius, '.4g')}; "
+            + ref_note,
             flush=True,
         )
+        # The methods' copy of the problem in the working precision (the operator's
+        # structure follows u0); the references above stay float64.
+        p = dataclasses.replace(p, u0=p.u0.astype(dtype))
+        theta, u0 = jnp.asarray(p.theta, dtype), jnp.asarray(p.u0, dtype)
         if "scipy" in methods:
-            rows.append((name, "–", run_scipy(p, ref, args.repeats)))
+            rows.append((label_name, "–", run_scipy(p, ref, args.repeats)))
         for rtol in rtols:
             cheb_bound = chebyshev_degree(norm2, rtol)
             kx_row = None
@@ -449,19 +612,28 @@ def main():
                         p, rtol, args.atol, ref, gref, theta, u0, args.repeats
                     )
                 except Exception as e:  # noqa: BLE001 - report, keep the peers going
-                    print(f"krylovexp FAILED at rtol {rtol:g}: {type(e).__name__}: {e}")
+                    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    print(f"krylovexp FAILED at rtol {rtol:g}: {msg}")
+                    notes.append(
+                        f"{label_name}, rtol {rtol:g}: krylovexp failed ({msg})"
+                    )
             target = kx_row["err"] if kx_row is not None else rtol
             peers = []
+            runs = []
             if "matfree" in methods:
-                peers.append(run_matfree(p, target, ref, gref, theta, u0, args.repeats))
+                runs.append(("matfree", run_matfree, ()))
             for sname, solver in (("Tsit5", dfx.Tsit5()), ("Dopri5", dfx.Dopri5())):
-                if sname.lower() not in methods:
-                    continue
-                peers.append(
-                    run_diffrax(
-                        p, sname, solver, target, ref, gref, theta, u0, args.repeats
+                if sname.lower() in methods:
+                    runs.append((sname, run_diffrax, (sname, solver)))
+            for peer, run, extra in runs:
+                try:
+                    peers.append(
+                        run(p, *extra, target, ref, gref, theta, u0, args.repeats)
                     )
-                )
+                except Exception as e:  # noqa: BLE001 - report, keep the others going
+                    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    print(f"{peer} FAILED at rtol {rtol:g}: {msg}")
+                    notes.append(f"{label_name}, rtol {rtol:g}: {peer} failed ({msg})")
             block = ([kx_row] if kx_row is not None else []) + peers
             for r in block:
                 r["cheb"] = r["matvecs"] / cheb_bound
@@ -472,35 +644,20 @@ def main():
             if kx_row is not None:
                 summary.append((name, rtol, kx_row))
             label = f"{rtol:.0e} → {target:.1e}; Cheb {cheb_bound}"
-            rows.extend((name, label, r) for r in block)
+            rows.extend((label_name, label, r) for r in block)
+            write_table(args.out, rows, notes)  # after each block: kept if killed
             print(
                 f"  done: problem {name}, rtol {rtol:g} "
                 f"({time.perf_counter() - t_start:.0f} s)",
                 flush=True,
             )
 
-    lines.append(
-        "| problem | rtol → target error; Cheb. bound | method | setting | error "
-        "| ∇θ error | ∇u0 error | forward ms | gradient ms | grad/fwd | matvecs "
-        "| matvecs/Cheb | grad memory MB | fwd vs best peer | grad vs best peer |"
-    )
-    lines.append("|" + "---|" * 15)
-    for name, label, r in rows:
-        lines.append(
-            f"| {name} | {label} | {r['method']} | {r['setting']} | {r['err']:.1e} "
-            f"| {fmt(r['gerr'][0], '.1e')} | {fmt(r['gerr'][1], '.1e')} "
-            f"| {fmt(r['fwd'], '.1f')} | {fmt(r['grad'], '.1f')} "
-            f"| {fmt(r['grad'] / r['fwd'], '.2f')} | {r['matvecs']} "
-            f"| {fmt(r.get('cheb'), '.2f')} | {fmt(r['mem'], '.1f')} "
-            f"| {fmt(r.get('vs_fwd'), '.3f')} | {fmt(r.get('vs_grad'), '.3f')} |"
-        )
-    table = "\n".join(lines)
+    table = write_table(args.out, rows, notes)
     print("\n" + table)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table + "\n")
     print(
-        "\nerror: relative 2-norm of u(T) against the SciPy reference. ∇θ / ∇u0 error: "
+        "\nerror: relative 2-norm of u(T) against the "
+        + ("SciPy" if use_scipy else "Dopri8")
+        + " reference. ∇θ / ∇u0 error: "
         "relative error of the two parts of ∇L against the Fréchet-derivative "
         "reference. target error: krylovexp's achieved error (the rtol if krylovexp "
         "is unavailable); peers are tuned to reach it. matvecs: krylovexp "

@@ -33,6 +33,7 @@ Run `python examples/wave_inverse.py` (float64; about 3-4 minutes on 2 CPU cores
 """
 
 import argparse
+import json
 import math
 import os
 import pathlib
@@ -293,26 +294,48 @@ def train(name, problem, cfg) -> dict[str, Any]:
     batch = min(cfg.batch_size or len(x_train), len(x_train))
     steps = len(x_train) // batch
     tic = time.perf_counter()
-    compiled = (
-        jax.jit(train_step)
-        .lower(params, opt_state, x_train[:batch], y_train[:batch])
-        .compile()
-    )
+    try:
+        compiled = (
+            jax.jit(train_step)
+            .lower(params, opt_state, x_train[:batch], y_train[:batch])
+            .compile()
+        )
+    except Exception as e:  # noqa: BLE001 - record the method as failed, go on
+        failed = f"compile: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        print(f"  {name:<18s} FAILED to compile: {failed}")
+        nan = float("nan")
+        return {
+            "name": name,
+            "losses": np.array([]),
+            "omega": None,
+            **dict.fromkeys(
+                ("rmse", "test_own", "test_exact", "solver_error", "sec_per_epoch"),
+                nan,
+            ),
+            "median_sec_per_epoch": nan,
+            "compile": nan,
+            "matvecs": None,
+            "peak_mb": None,
+            "failed": failed,
+        }
     compile_time = time.perf_counter() - tic
     peak_mb = compiled_memory_mb(compiled)
 
     # Matvecs of one gradient step (forward, plus those inside VJPs and recomputed
-    # forward passes), counted once with a callback in the matvec.
-    counter = Counter()
-    counted = batch_solver(
-        name, make_solver(name, h, cfg.horizon, cfg.rtol, counter.matvec)
-    )
-    jax.block_until_ready(
-        jax.jit(jax.value_and_grad(lambda p, x, y: loss_fn(p, x, y, counted)))(
-            params, x_train[:batch], y_train[:batch]
+    # forward passes), counted once with a callback in the matvec (a second
+    # compilation; `--no-count-matvecs` skips it).
+    matvecs_per_epoch = None
+    if cfg.count_matvecs:
+        counter = Counter()
+        counted = batch_solver(
+            name, make_solver(name, h, cfg.horizon, cfg.rtol, counter.matvec)
         )
-    )
-    matvecs_per_epoch = counter.count * steps
+        jax.block_until_ready(
+            jax.jit(jax.value_and_grad(lambda p, x, y: loss_fn(p, x, y, counted)))(
+                params, x_train[:batch], y_train[:batch]
+            )
+        )
+        matvecs_per_epoch = counter.count * steps
 
     rng = np.random.default_rng(cfg.seed)
     losses = []
@@ -320,8 +343,10 @@ def train(name, problem, cfg) -> dict[str, Any]:
     interactive = sys.stdout.isatty()
     epochs = problem["epochs"]
     every = max(1, epochs // 10)
+    epoch_times = []
     tic = time.perf_counter()
     for epoch in range(1, epochs + 1):
+        epoch_tic = time.perf_counter()
         order = rng.permutation(len(x_train))
         epoch_loss = 0.0
         for s in range(steps):
@@ -335,6 +360,7 @@ def train(name, problem, cfg) -> dict[str, Any]:
                 failed = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
                 loss = float("nan")
             epoch_loss += loss / steps
+        epoch_times.append(time.perf_counter() - epoch_tic)
         losses.append(epoch_loss)
         if not math.isfinite(epoch_loss) and failed is None:
             failed = f"non-finite loss at epoch {epoch}"
@@ -370,6 +396,9 @@ def train(name, problem, cfg) -> dict[str, Any]:
         "test_exact": test_exact,
         "solver_error": solver_error,
         "sec_per_epoch": train_time / max(epochs_run, 1),
+        "median_sec_per_epoch": float(np.median(epoch_times))
+        if epoch_times
+        else float("nan"),
         "compile": compile_time,
         "matvecs": matvecs_per_epoch,
         "peak_mb": peak_mb,
@@ -477,7 +506,7 @@ def format_table(problem, results, cfg) -> str:
         lines.append(
             f"| {r['name']} | {r['test_own']:.2e} | {r['test_exact']:.2e} | "
             f"{r['rmse']:.2e} | {r['solver_error']:.1e} | {r['sec_per_epoch']:.3f} | "
-            f"{r['matvecs']:,} | {peak} |"
+            f"{'–' if r['matvecs'] is None else format(r['matvecs'], ',')} | {peak} |"
         )
     return "\n".join(lines)
 
@@ -491,7 +520,7 @@ def plot(problem, results, outdir):
     label = problem["label"]
     omega0 = problem["omega0"]
     panels = [("true ω", problem["omega_true"])] + [
-        (r["name"], r["omega"]) for r in results
+        (r["name"], r["omega"]) for r in results if r["omega"] is not None
     ]
     vmin = min(float(np.min(p[1])) for p in panels[:1]) / omega0
     vmax = max(float(np.max(p[1])) for p in panels[:1]) / omega0
@@ -542,6 +571,44 @@ def plot_losses(all_results, outdir):
     path = os.path.join(outdir, "loss_curves.png")
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    return path
+
+
+def write_timings(cfg, all_results):
+    """`<out>/timings.json`: per regime and method, seconds per epoch (mean and
+    median over the timed epochs, compilation excluded), compile seconds, matvecs per
+    epoch and any failure; the GPU run (`benchmarks/gpu.py`) reads it."""
+    timings = {
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "grid": cfg.grid,
+        "num_ics": cfg.num_ics,
+        "regimes": {
+            problem["label"]: {
+                "epochs": problem["epochs"],
+                "norm": problem["norm"],
+                "methods": {
+                    r["name"]: {
+                        key: r[key]
+                        for key in (
+                            "sec_per_epoch",
+                            "median_sec_per_epoch",
+                            "compile",
+                            "matvecs",
+                            "rmse",
+                            "test_own",
+                            "failed",
+                        )
+                    }
+                    for r in results
+                },
+            }
+            for problem, results in all_results
+        },
+    }
+    path = os.path.join(cfg.out, "timings.json")
+    with open(path, "w") as f:
+        json.dump(timings, f, indent=1)
     return path
 
 
@@ -605,6 +672,12 @@ def parse_args(argv):
         default=True,
         help="check the reference against Diffrax Dopri8",
     )
+    p.add_argument(
+        "--count-matvecs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="count the matvecs of one gradient step (one more compilation)",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -643,6 +716,7 @@ def main(argv=None) -> dict:
     print("wrote", plot_losses(all_results, cfg.out))
     with open(os.path.join(cfg.out, "table.md"), "w") as f:
         f.write("\n\n".join(tables) + "\n")
+    write_timings(cfg, all_results)
     summary = {
         label: {r["name"]: r for r in results}
         for (problem, results), (label, _) in zip(all_results, regimes, strict=True)
