@@ -106,17 +106,12 @@ def test_vector_cotangent_is_exact_adjoint_for_stiff_operators():
     assert rel_err(derivative, exact) > 1e-6  # the failure mode the default avoids
 
 
-@pytest.mark.parametrize(
-    "method", [pytest.param("arnoldi", marks=pytest.mark.slow), "lanczos"]
-)
-def test_grad_stiff_local_parameters(method):
-    """The case that motivated the default: a stiff operator with one parameter per
-    grid node, a smooth start vector and sensor-like observations (the problem of
-    benchmarks/gradient_accuracy.py, smaller). The derivative of the Krylov
-    approximation is off by orders of magnitude more than the tolerance; the default
-    gradient matches autodiff of the dense exponential to the tolerance."""
+def _stiff_local_problem(method):
+    """A stiff operator with one parameter per grid node, a smooth start vector and
+    sensor-like observations (the problem of benchmarks/gradient_accuracy.py,
+    smaller): the loss, and the gradient by autodiff of the dense exponential."""
     problem = variable_diffusion_problem(n=80, T=0.01)  # ||TA|| ~ 350
-    theta, u0, t = problem.theta, problem.u0, problem.T
+    u0, t = problem.u0, problem.T
 
     def loss(theta, adjoint):
         op = problem.operator(theta)
@@ -126,14 +121,31 @@ def test_grad_stiff_local_parameters(method):
     def dense(theta):
         return problem.observe(jsl.expm(t * problem.matrix(theta)) @ u0)
 
-    want = jax.grad(dense)(theta)
-    got = jax.grad(loss)(theta, kx.KrylovAdjoint())
-    error = rel_err(got, want)
-    assert error < 1e-6
+    return problem, loss, jax.grad(dense)(problem.theta)
+
+
+@pytest.mark.parametrize(
+    "method", [pytest.param("arnoldi", marks=pytest.mark.slow), "lanczos"]
+)
+def test_grad_stiff_local_parameters(method):
+    """The case that motivated the default: the default gradient matches autodiff of
+    the dense exponential to the tolerance (the derivative of the Krylov
+    approximation is off by orders of magnitude more: see the next test)."""
+    problem, loss, want = _stiff_local_problem(method)
+    got = jax.grad(loss)(problem.theta, kx.KrylovAdjoint())
+    assert rel_err(got, want) < 1e-6
+
+
+@pytest.mark.slow
+def test_stiff_local_parameters_approximation_and_forward_mode():
+    """On the same problem the derivative of the approximation is far above the
+    tolerance of the value, and forward mode of the default adjoint is the tangent of
+    the exact solution."""
+    problem, loss, want = _stiff_local_problem("lanczos")
+    theta = problem.theta
+    error = rel_err(jax.grad(loss)(theta, kx.KrylovAdjoint()), want)
     derivative = jax.grad(loss)(theta, kx.KrylovAdjoint(mode="approximation"))
-    # The failure mode the default avoids: far above the tolerance of the value.
     assert rel_err(derivative, want) > max(1e-4, 100 * error), error
-    # Forward mode of the default adjoint is the tangent of the exact solution too.
     direction = jnp.cos(11 * problem.x)
     _, tangent = jax.jvp(
         lambda th: loss(th, kx.KrylovAdjoint()), (theta,), (direction,)
@@ -444,6 +456,7 @@ def test_grad_matches_matfree_at_fixed_dimension():
         assert rel_err(g, w) < 1e-9
 
 
+@pytest.mark.slow
 def test_forward_mode_with_direct_adjoint():
     def krylov(s):
         return kx.expmv(s * A, V, 0.9, adjoint=kx.DirectAdjoint(), rtol=1e-12)
@@ -460,7 +473,9 @@ def test_forward_mode_with_direct_adjoint():
     assert rel_err(jac, jsl.expm(0.5 * A)) < 1e-9
 
 
-@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize(
+    "complex_", [pytest.param(False, marks=pytest.mark.slow), True]
+)
 def test_forward_mode_with_custom_adjoint(complex_):
     """The default adjoint's forward mode (the block-exponential tangent of the exact
     solution) against forward-mode autodiff of the dense exponential: a joint
@@ -500,6 +515,7 @@ def test_forward_mode_phimv_and_second_order_message():
         jax.jacfwd(jax.jacfwd(lambda s: kx.expmv(s * A, V, 0.5)))(1.0)
 
 
+@pytest.mark.slow
 def test_vmap_of_grad_and_float32():
     scales = jnp.array([0.5, 1.0])
     got = jax.vmap(
