@@ -21,6 +21,7 @@ from ._etd import (
     ETDRK2 as ETDRK2,
     ETDRK4 as ETDRK4,
     ExponentialEuler as ExponentialEuler,
+    HochOst4 as HochOst4,
     LinearExponential as LinearExponential,
 )
 from ._rosenbrock import Exprb32 as Exprb32, Exprb43 as Exprb43

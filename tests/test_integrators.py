@@ -145,6 +145,7 @@ def args_of(values):
         pytest.param(kx.ExponentialEuler(krylov=TIGHT), 1, marks=pytest.mark.slow),
         pytest.param(kx.ETDRK2(krylov=TIGHT), 2, marks=pytest.mark.slow),
         (kx.ETDRK4(krylov=TIGHT), 4),
+        (kx.HochOst4(krylov=TIGHT), 4),
         pytest.param(kx.Exprb32(krylov=TIGHT), 3, marks=pytest.mark.slow),
         (kx.Exprb43(krylov=TIGHT), 4),
     ],
@@ -173,7 +174,12 @@ def test_convergence_order(solver, nominal):
     # error at the end of the interval.
     dense_slope = np.polyfit(np.log(1.0 / steps), np.log(dense_errors), 1)[0]
     assert abs(dense_slope - nominal) < 0.3, (dense_slope, dense_errors)
-    assert np.all(np.asarray(dense_errors) < 1.5 * np.asarray(errors)), dense_errors
+    # HochOst4's continuous extension (its last sweep at the interior nodes) has
+    # order 4 with a larger constant.
+    dense_factor = 4.0 if isinstance(solver, kx.HochOst4) else 1.5
+    assert np.all(np.asarray(dense_errors) < dense_factor * np.asarray(errors)), (
+        dense_errors
+    )
     if isinstance(solver, kx.ETDRK4):
         # Backward in time (skew-symmetric L, well posed backwards): from u*(1) to 0.
         back = fixed_solve(
@@ -315,8 +321,12 @@ def test_error_estimate_order(solver):
 # Gradients.
 
 
-def test_gradient_recursive_checkpoint_vs_finite_differences():
-    solver = kx.Exprb32(krylov=TIGHT)
+@pytest.mark.parametrize(
+    "solver",
+    [kx.Exprb32(krylov=TIGHT), kx.HochOst4(krylov=TIGHT)],
+    ids=lambda s: type(s).__name__,
+)
+def test_gradient_recursive_checkpoint_vs_finite_differences(solver):
     t0, t1, dt = 0.0, 0.5, 0.125
 
     def loss(params, y0):
@@ -326,7 +336,9 @@ def test_gradient_recursive_checkpoint_vs_finite_differences():
     params = args_of((0.3, 1.0, 0.7))
     y0 = exact(0.0)
     g_params, g_y0 = jax.grad(loss, argnums=(0, 1))(params, y0)
-    eps = 1e-6
+    # Central differences at 1e-4: at 1e-6 the Krylov tolerance noise (about 1e-12
+    # of the loss per evaluation) is 1% of the smallest derivative.
+    eps = 1e-4
     for i in range(3):
         e = [jnp.asarray(eps if j == i else 0.0) for j in range(3)]
         plus = tuple(p + d for p, d in zip(params, e, strict=True))
@@ -497,7 +509,14 @@ def test_failure_result_codes():
 
 @pytest.mark.parametrize(
     "solver",
-    [kx.ExponentialEuler(), kx.ETDRK2(), kx.ETDRK4(), kx.Exprb32(), kx.Exprb43()],
+    [
+        kx.ExponentialEuler(),
+        kx.ETDRK2(),
+        kx.ETDRK4(),
+        kx.HochOst4(),
+        kx.Exprb32(),
+        kx.Exprb43(),
+    ],
     ids=lambda s: type(s).__name__,
 )
 def test_bad_term_structure(solver):
