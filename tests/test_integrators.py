@@ -323,7 +323,10 @@ def test_error_estimate_order(solver):
 
 @pytest.mark.parametrize(
     "solver",
-    [kx.Exprb32(krylov=TIGHT), kx.HochOst4(krylov=TIGHT)],
+    [
+        kx.Exprb32(krylov=TIGHT),
+        pytest.param(kx.HochOst4(krylov=TIGHT), marks=pytest.mark.slow),
+    ],
     ids=lambda s: type(s).__name__,
 )
 def test_gradient_recursive_checkpoint_vs_finite_differences(solver):
