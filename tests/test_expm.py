@@ -168,7 +168,14 @@ def test_lanczos_forced_on_nonnormal_operator():
     assert lanczos > arnoldi
 
 
-@pytest.mark.parametrize("stiffness", [1e3, 1e4, 1e5])
+@pytest.mark.parametrize(
+    "stiffness",
+    [
+        pytest.param(1e3, marks=pytest.mark.slow),
+        pytest.param(1e4, marks=pytest.mark.slow),
+        1e5,
+    ],
+)
 def test_stiff_symmetric_meets_tolerance(stiffness):
     n = 150
     matrix = laplacian_1d(n, (n + 1) ** 2)  # 1-D heat equation on (0, 1)

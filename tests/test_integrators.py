@@ -145,7 +145,7 @@ def args_of(values):
         pytest.param(kx.ExponentialEuler(krylov=TIGHT), 1, marks=pytest.mark.slow),
         pytest.param(kx.ETDRK2(krylov=TIGHT), 2, marks=pytest.mark.slow),
         (kx.ETDRK4(krylov=TIGHT), 4),
-        (kx.HochOst4(krylov=TIGHT), 4),
+        pytest.param(kx.HochOst4(krylov=TIGHT), 4, marks=pytest.mark.slow),
         pytest.param(kx.Exprb32(krylov=TIGHT), 3, marks=pytest.mark.slow),
         (kx.Exprb43(krylov=TIGHT), 4),
     ],
