@@ -2,7 +2,7 @@
 `y' = L y` and `y' = L y + N(t, y, args)` (exact linear, Euler, ETDRK2, ETDRK4).
 """
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import equinox as eqx
 import jax.lax as lax
@@ -162,6 +162,64 @@ class ETDRK2(AbstractExponentialSolver):
         return y1, None, ym
 
 
+class _Tableau(NamedTuple):
+    """An exponential Runge–Kutta step as `phimv` sweeps: sweep `i` evaluates
+    `phimv(L, (head_i y0, head_i G_1, b_2, b_3), tau_i h)` with
+    `b_2 = sum_k b2[i][k] G_k / h` and `b_3 = sum_k b3[i][k] G_k / h²`. Its end value
+    (plus the value of the previous sweep when that one is `partial`) is the stage
+    `U_{stage[i]+1}`, whose `G = N(t0 + c[i] h, U)` is stored; `stage[i] = -1`: none
+    (a partial sweep, or the last one, `y1`)."""
+
+    tau: tuple[float, ...]
+    head: tuple[int, ...]
+    b2: tuple[tuple[float, ...], ...]
+    b3: tuple[tuple[float, ...], ...]
+    stage: tuple[int, ...]
+    c: tuple[float, ...]
+    partial: tuple[bool, ...]
+
+    @property
+    def phi_sweeps(self) -> tuple[tuple[float, ...], ...]:
+        return tuple(tuple(t * s for s in _NODES + (1.0,)) for t in self.tau)
+
+
+# Krogstad's ETDRK4: U_2, U_3, U_4, then y1.
+_ETDRK4_TABLEAU = _Tableau(
+    tau=(0.5, 0.5, 1.0, 1.0),
+    head=(1, 1, 1, 1),
+    b2=((0, 0, 0, 0), (-4, 4, 0, 0), (-2, 0, 2, 0), (-3, 2, 2, -1)),
+    b3=((0, 0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0), (4, -4, -4, 4)),
+    stage=(1, 2, 3, -1),
+    c=(0.5, 0.5, 1.0, 0.0),
+    partial=(False, False, False, False),
+)
+
+# Hochbruck–Ostermann: U_2, U_3, U_4, the h/2 part of U_5, its h part, then y1.
+_HOCHOST4_TABLEAU = _Tableau(
+    tau=(0.5, 0.5, 1.0, 0.5, 1.0, 1.0),
+    head=(1, 1, 1, 1, 0, 1),
+    b2=(
+        (0, 0, 0, 0, 0),
+        (-4, 4, 0, 0, 0),
+        (-2, 1, 1, 0, 0),
+        (-3, 2, 2, -1, 0),
+        (-0.25, 0.25, 0.25, -0.25, 0),
+        (-3, 0, 0, -1, 4),
+    ),
+    b3=(
+        (0, 0, 0, 0, 0),
+        (0, 0, 0, 0, 0),
+        (0, 0, 0, 0, 0),
+        (4, -4, -4, 4, 0),
+        (1, -1, -1, 1, 0),
+        (4, 0, 0, 4, -8),
+    ),
+    stage=(1, 2, 3, -1, 4, -1),
+    c=(0.5, 0.5, 1.0, 0.0, 0.5, 0.0),
+    partial=(False, False, False, True, False, False),
+)
+
+
 class ETDRK4(AbstractExponentialSolver):
     r"""Fourth-order exponential Runge–Kutta method of Krogstad (ETDRK4-B) for
     `y' = L y + N(t, y, args)`.
@@ -203,8 +261,8 @@ class ETDRK4(AbstractExponentialSolver):
     atol: float | None = eqx.field(default=None, static=True)
 
     _kinds: ClassVar[tuple[str, ...]] = ("semilinear",)
-    _phi_sweeps: ClassVar[tuple[tuple[float, ...], ...] | None] = tuple(
-        tuple(c * s for s in _NODES + (1.0,)) for c in (0.5, 0.5, 1.0, 1.0)
+    _phi_sweeps: ClassVar[tuple[tuple[float, ...], ...] | None] = (
+        _ETDRK4_TABLEAU.phi_sweeps
     )
     _phi_order: ClassVar[int] = 3
 
@@ -212,53 +270,9 @@ class ETDRK4(AbstractExponentialSolver):
         return 4
 
     def _step(self, problem, t0, t1, h, y0, args, tracker):
-        operator = problem.linear.make_operator(args)
-        nonlinear = problem.nonlinear
-        hinv = _safe_inverse(h)
-        dtype = h.dtype
-        # Sweep i computes U_{i+2} (i = 0, 1, 2) and then y1 (i = 3) as
-        # phimv(L, (y0, G_1, b_2, b_3), tau_i) with b_2 = sum_k B2[i, k] G_k / h and
-        # b_3 = sum_k B3[i, k] G_k / h².
-        tau = jnp.asarray((0.5, 0.5, 1.0, 1.0), dtype=dtype)
-        c_next = jnp.asarray((0.5, 0.5, 1.0, 1.0), dtype=dtype)
-        b2_table = jnp.asarray(
-            ((0, 0, 0, 0), (-4, 4, 0, 0), (-2, 0, 2, 0), (-3, 2, 2, -1)), dtype=dtype
+        return _tableau_step(
+            self, _ETDRK4_TABLEAU, problem, t0, t1, h, y0, args, tracker
         )
-        b3_table = jnp.asarray(
-            ((0, 0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0), (4, -4, -4, 4)), dtype=dtype
-        )
-        nodes = jnp.asarray(_NODES + (1.0,), dtype=dtype)
-        g1 = _vf(nonlinear, t0, y0, args)
-
-        def vectors(i, aux):
-            gs, _ = aux
-            b2 = _combine(b2_table[i] * hinv, gs)
-            b3 = _combine(b3_table[i] * hinv * hinv, gs)
-            return (y0, g1, b2, b3)
-
-        def update(i, values, aux):
-            gs, _ = aux
-
-            def stage():
-                t = t0 + c_next[i] * (t1 - t0)
-                g = _vf(nonlinear, t, _at(values, -1), args)
-                return jtu.tree_map(lambda a, b: a.at[i + 1].set(b), gs, g)
-
-            return lax.cond(i < 3, stage, lambda: gs), values
-
-        gs = jtu.tree_map(lambda g: jnp.zeros((4,) + g.shape, g.dtype).at[0].set(g), g1)
-        aux = (gs, _repeat(y0, len(_NODES) + 1))
-        _, values = tracker.sweeps(
-            self._krylov(),
-            operator,
-            4,
-            vectors,
-            lambda i: tau[i] * h * nodes,
-            update,
-            aux,
-        )
-        y1, ym = _split_dense(values)
-        return y1, None, ym
 
 
 class HochOst4(AbstractExponentialSolver):
@@ -300,8 +314,8 @@ class HochOst4(AbstractExponentialSolver):
     atol: float | None = eqx.field(default=None, static=True)
 
     _kinds: ClassVar[tuple[str, ...]] = ("semilinear",)
-    _phi_sweeps: ClassVar[tuple[tuple[float, ...], ...] | None] = tuple(
-        tuple(c * s for s in _NODES + (1.0,)) for c in (0.5, 0.5, 1.0, 0.5, 1.0, 1.0)
+    _phi_sweeps: ClassVar[tuple[tuple[float, ...], ...] | None] = (
+        _HOCHOST4_TABLEAU.phi_sweeps
     )
     _phi_order: ClassVar[int] = 3
 
@@ -309,74 +323,69 @@ class HochOst4(AbstractExponentialSolver):
         return 4
 
     def _step(self, problem, t0, t1, h, y0, args, tracker):
-        operator = problem.linear.make_operator(args)
-        nonlinear = problem.nonlinear
-        hinv = _safe_inverse(h)
-        dtype = h.dtype
-        # Sweep i evaluates phimv(L, (a_i y0, G_1 b1_i, b_2, b_3), tau_i) with
-        # b_2 = sum_k B2[i, k] G_k / h and b_3 = sum_k B3[i, k] G_k / h², k = 1..5:
-        # U_2, U_3, U_4, the h/2 part of U_5, its h part, then y1.
-        tau = jnp.asarray((0.5, 0.5, 1.0, 0.5, 1.0, 1.0), dtype=dtype)
-        head = jnp.asarray((1, 1, 1, 1, 0, 1), dtype=dtype)
-        b2_table = jnp.asarray(
-            (
-                (0, 0, 0, 0, 0),
-                (-4, 4, 0, 0, 0),
-                (-2, 1, 1, 0, 0),
-                (-3, 2, 2, -1, 0),
-                (-0.25, 0.25, 0.25, -0.25, 0),
-                (-3, 0, 0, -1, 4),
-            ),
-            dtype=dtype,
+        return _tableau_step(
+            self, _HOCHOST4_TABLEAU, problem, t0, t1, h, y0, args, tracker
         )
-        b3_table = jnp.asarray(
-            (
-                (0, 0, 0, 0, 0),
-                (0, 0, 0, 0, 0),
-                (0, 0, 0, 0, 0),
-                (4, -4, -4, 4, 0),
-                (1, -1, -1, 1, 0),
-                (4, 0, 0, 4, -8),
-            ),
-            dtype=dtype,
-        )
-        # The stage whose G a sweep completes (-1: none; sweep 3 only holds a part).
-        c_stage = jnp.asarray((0.5, 0.5, 1.0, 0.0, 0.5, 0.0), dtype=dtype)
-        stage_of = jnp.asarray((1, 2, 3, -1, 4, -1))
-        nodes = jnp.asarray(_NODES + (1.0,), dtype=dtype)
-        g1 = _vf(nonlinear, t0, y0, args)
 
-        def vectors(i, aux):
-            gs, _, _ = aux
-            b2 = _combine(b2_table[i] * hinv, gs)
-            b3 = _combine(b3_table[i] * hinv * hinv, gs)
-            return (_lin((head[i], y0)), _lin((head[i], g1)), b2, b3)
 
-        def update(i, values, aux):
-            gs, part, _ = aux
-            end = _at(values, -1)
+def _tableau_step(solver, tableau, problem, t0, t1, h, y0, args, tracker):
+    """One step of an exponential Runge–Kutta method given as a `_Tableau`: all its
+    sweeps in one `tracker.sweeps` loop; the last one also gives the dense output."""
+    operator = problem.linear.make_operator(args)
+    nonlinear = problem.nonlinear
+    hinv = _safe_inverse(h)
+    dtype = h.dtype
+    num_sweeps = len(tableau.tau)
+    num_stages = len(tableau.b2[0])
+    tau = jnp.asarray(tableau.tau, dtype=dtype)
+    head = jnp.asarray(tableau.head, dtype=dtype)
+    b2_table = jnp.asarray(tableau.b2, dtype=dtype)
+    b3_table = jnp.asarray(tableau.b3, dtype=dtype)
+    c = jnp.asarray(tableau.c, dtype=dtype)
+    stage_of = jnp.asarray(tableau.stage)
+    with_partials = any(tableau.partial)
+    partial = jnp.asarray(tableau.partial)
+    nodes = jnp.asarray(_NODES + (1.0,), dtype=dtype)
+    g1 = _vf(nonlinear, t0, y0, args)
 
-            def stage():
-                # U_5's h part completes the h/2 part kept from the previous sweep.
-                u = jnp.where(i == 4, 1.0, 0.0).astype(dtype)
-                u = _lin((1.0, end), (u, part))
-                g = _vf(nonlinear, t0 + c_stage[i] * (t1 - t0), u, args)
-                return jtu.tree_map(lambda a, b: a.at[stage_of[i]].set(b), gs, g)
+    def vectors(i, aux):
+        gs = aux[0]
+        b2 = _combine(b2_table[i] * hinv, gs)
+        b3 = _combine(b3_table[i] * hinv * hinv, gs)
+        if all(tableau.head):
+            return (y0, g1, b2, b3)
+        return (_lin((head[i], y0)), _lin((head[i], g1)), b2, b3)
 
-            gs = lax.cond(stage_of[i] >= 0, stage, lambda: gs)
-            part = jtu.tree_map(lambda p, e: jnp.where(i == 3, e, p), part, end)
-            return gs, part, values
+    def update(i, values, aux):
+        gs, part = aux[0], aux[1]
+        end = _at(values, -1)
 
-        gs = jtu.tree_map(lambda g: jnp.zeros((5,) + g.shape, g.dtype).at[0].set(g), g1)
-        aux = (gs, _zeros_like(y0), _repeat(y0, len(_NODES) + 1))
-        _, _, values = tracker.sweeps(
-            self._krylov(),
-            operator,
-            6,
-            vectors,
-            lambda i: tau[i] * h * nodes,
-            update,
-            aux,
-        )
-        y1, ym = _split_dense(values)
-        return y1, None, ym
+        def stage():
+            u = _lin((1.0, end), (1.0, part)) if with_partials else end
+            g = _vf(nonlinear, t0 + c[i] * (t1 - t0), u, args)
+            return jtu.tree_map(lambda a, b: a.at[stage_of[i]].set(b), gs, g)
+
+        gs = lax.cond(stage_of[i] >= 0, stage, lambda: gs)
+        if with_partials:
+            # A partial sweep's value waits for the next sweep; others clear it.
+            part = jtu.tree_map(
+                lambda e: jnp.where(partial[i], e, jnp.zeros_like(e)), end
+            )
+        return gs, part, values
+
+    gs = jtu.tree_map(
+        lambda g: jnp.zeros((num_stages,) + g.shape, g.dtype).at[0].set(g), g1
+    )
+    part = _zeros_like(y0) if with_partials else None
+    aux = (gs, part, _repeat(y0, len(_NODES) + 1))
+    _, _, values = tracker.sweeps(
+        solver._krylov(),
+        operator,
+        num_sweeps,
+        vectors,
+        lambda i: tau[i] * h * nodes,
+        update,
+        aux,
+    )
+    y1, ym = _split_dense(values)
+    return y1, None, ym
