@@ -29,9 +29,11 @@ class KrylovAdjoint(AbstractKrylovAdjoint):
     """Derivatives without differentiating through the loops; the step sizes and
     dimensions chosen by the controller are constants.
 
-    Reverse mode: only substep boundaries are stored (start vectors in a fixed number
-    of checkpoints), each substep's Krylov basis is rebuilt on the backward pass, and
-    peak memory is O(n (max_krylov_dim + 16 + max_substeps / 16)).
+    Reverse mode: substep boundaries are stored (start vectors in 16 checkpoints), the
+    last substep's Krylov basis is kept when it fits in `basis_rows` rows, every other
+    substep's basis is rebuilt on the backward pass, and the memory written per call
+    is O(n (basis_rows + 16 + max_substeps / 16)) plus the bases the dimensions
+    reached need.
 
     Forward mode (`jax.jvp`, `jax.jacfwd`, `diffrax.ForwardMode`): the tangent of the
     exact solution, `exp(tA) δv + ∫_0^t exp((t-s)A) δA exp(sA) v ds`, is the top block
@@ -56,20 +58,37 @@ class KrylovAdjoint(AbstractKrylovAdjoint):
           Krylov polynomial is accurate on the directions `v` excites, but a
           parameter or start-vector perturbation excites rough directions on which
           it does not damp as `exp(τA)` does.
+    - `basis_rows`: the memory budget of the backward pass, in basis vectors of the
+      state's size (default 32). The forward pass keeps the last substep's basis
+      if it has at most this many vectors (so a single-substep gradient rebuilds
+      nothing), and the backward pass rebuilds each other substep in that buffer; a
+      substep with a larger basis is rebuilt in one of `max_krylov_dim + 1` rows,
+      allocated only when one occurs. States whose whole basis takes at most 1 MiB
+      always keep it. Raise it to keep larger bases, lower it to save memory; `0`
+      keeps none. It changes no value and no gradient, only time and memory.
     """
 
     mode: Literal["solution", "approximation"] = eqx.field(
         default="solution", static=True
     )
 
+    basis_rows: int = eqx.field(default=32, static=True)
+
     def __check_init__(self):
         if self.mode not in ("solution", "approximation"):
             raise ValueError(
                 f"`mode` must be 'solution' or 'approximation', got {self.mode!r}."
             )
+        if not isinstance(self.basis_rows, int) or self.basis_rows < 0:
+            raise ValueError(
+                "`basis_rows` must be a non-negative integer (basis vectors kept "
+                f"for the backward pass), got {self.basis_rows!r}."
+            )
 
     def evaluate(self, params, vector, times, system, config: _Config):
-        config = config._replace(solution_adjoint=self.mode == "solution")
+        config = config._replace(
+            solution_adjoint=self.mode == "solution", basis_rows=self.basis_rows
+        )
         return evaluate_custom(params, vector, times, system=system, config=config)
 
 

@@ -363,9 +363,10 @@ def build(
     buffer: jax.Array | None = None,
 ) -> Decomposition:
     """Rebuild a one-chunk decomposition of a known dimension (no error checks, no
-    early exit other than reaching `dim`), into `buffer` if given. With the buffer of
-    the recording sweep it repeats that sweep's arithmetic exactly. Used by the
-    backward pass."""
+    early exit other than reaching `dim`), into `buffer` if given (at least `dim + 1`
+    rows). It repeats the arithmetic of a sweep that grew in one buffer exactly, and
+    of one that grew in chunks up to round-off (the Gram–Schmidt sums are split by
+    chunk there). Used by the backward pass."""
     decomp = start(vector, max_dim, buffer=buffer)
 
     def body(j, decomp):
@@ -422,7 +423,7 @@ def reverse_sweep(
         j = dim - 1 - k
         outputs_bar = (basis_bar[j + 1], hessenberg_bar[:, j])
         if orth.window is None:
-            column = jnp.where(rows <= j + 1, hessenberg[:, j], 0)
+            column = jnp.where(rows <= j + 1, hessenberg[:m1, j], 0)
             w0 = column @ basis
 
             def full_step(b, w):

@@ -38,8 +38,22 @@ def _backward(
     params_bar = jtu.tree_map(jnp.zeros_like, params)
     times_bar = jnp.zeros_like(times)
     w_bar = jnp.zeros_like(vector)
+    # Substeps whose basis fits the kept rows are rebuilt in them; a larger one in a
+    # buffer of its own, allocated (and written) only when one occurs.
+    rows = rec.basis.shape[0]
+    full_rows = config.max_dim + 1
 
-    def rebuild(start, s, buffer=None):
+    def by_size(s, small, large, *operands):
+        if rows >= full_rows:
+            return small(*operands)
+        if rows < 2:
+            return large(*operands)
+        return lax.cond(dims[s] + 1 <= rows, small, large, *operands)
+
+    def fresh(size):
+        return jnp.zeros((size,) + vector.shape, vector.dtype)
+
+    def rebuild(start, s, buffer):
         return arnoldi.build(
             system.matvec, params, start, dims[s], config.max_dim, config.orth, buffer
         )
@@ -55,14 +69,22 @@ def _backward(
         def recompute(starts):
             def advance(i, carry):
                 starts, w = carry
-                decomp = rebuild(w, first + i)
-                w = approximation(
-                    decomp,
-                    dims[first + i],
-                    rec.taus[first + i],
-                    config.orth,
-                    config.corrected,
-                )
+                index = first + i
+
+                def advance_in(size):
+                    def run():
+                        decomp = rebuild(w, index, fresh(size))
+                        return approximation(
+                            decomp,
+                            dims[index],
+                            rec.taus[index],
+                            config.orth,
+                            config.corrected,
+                        )
+
+                    return run
+
+                w = by_size(index, advance_in(max(rows, 1)), advance_in(full_rows))
                 return starts.at[i + 1].set(w), w
 
             w = rec.checkpoints[s // rec.stride]
@@ -76,17 +98,33 @@ def _backward(
     def body(k, carry):
         w_bar, params_bar, times_bar, starts, basis = carry
         s = num_substeps - 1 - k
+        start, starts = substep_start(k, s, starts)
+
+        def small(basis, w_bar, params_bar, times_bar):
+            # The last substep's basis is kept from the forward pass when it fitted;
+            # the others are rebuilt in the same buffer from their start vectors.
+            decomp = lax.cond(
+                (k == 0) & rec.kept,
+                lambda basis: arnoldi.Decomposition((basis,), rec.hessenberg, rec.beta),
+                lambda basis: rebuild(start, s, basis),
+                basis,
+            )
+            bars = substep_adjoint(s, decomp, w_bar, params_bar, times_bar)
+            return (*bars, arnoldi.single(decomp))
+
+        def large(basis, w_bar, params_bar, times_bar):
+            decomp = rebuild(start, s, fresh(full_rows))
+            return (*substep_adjoint(s, decomp, w_bar, params_bar, times_bar), basis)
+
+        w_bar, params_bar, times_bar, basis = by_size(
+            s, small, large, basis, w_bar, params_bar, times_bar
+        )
+        return w_bar, params_bar, times_bar, starts, basis
+
+    def substep_adjoint(s, decomp, w_bar, params_bar, times_bar):
+        """The cotangents of substep `s` (basis `decomp`) from those of its end."""
         dim, tau, time0 = dims[s], rec.taus[s], rec.starts[s]
         first, last = rec.first[s], rec.last[s]
-        start, starts = substep_start(k, s, starts)
-        # The last substep's basis is kept from the forward pass; earlier ones are
-        # rebuilt in the same buffer from their start vectors.
-        decomp = lax.cond(
-            k == 0,
-            lambda basis: arnoldi.Decomposition((basis,), rec.hessenberg, rec.beta),
-            lambda basis: rebuild(start, s, basis),
-            basis,
-        )
 
         def value_at(sigma, basis, hessenberg, beta):
             decomp = arnoldi.Decomposition((basis,), hessenberg, beta)
@@ -153,6 +191,7 @@ def _backward(
                         params_bar,
                         config,
                         want_params,
+                        rows,
                     )
 
                 lam, params_bar = lax.cond(
@@ -200,7 +239,7 @@ def _backward(
                 beta_bar,
                 params_bar,
             )
-        return start_bar, params_bar, times_bar, starts, single
+        return start_bar, params_bar, times_bar
 
     max_stride = _max_stride(config)
     starts = (
@@ -225,7 +264,7 @@ class _TransposedSystem(AbstractSystem):
 
 
 # Rows per batched VJP in `_matvec_vjp_sum`.
-_VJP_CHUNK = 8
+_VJP_CHUNK = 4
 
 
 def _matvec_vjp_sum(system, params, rows, weights, others, orth, count):
@@ -269,6 +308,7 @@ def _solution_adjoint(
     params_bar,
     config: _Config,
     want_params,
+    adjoint_rows: int,
 ):
     """Cotangents of one substep `w ↦ u(tau) = exp(tau A(θ)) w` as the adjoint of the
     exact solution, over the part `[position - length, position]` of the substep
@@ -288,9 +328,20 @@ def _solution_adjoint(
     parameter directions are damped as they are by `exp(tau A)`.
     """
     orth = config.orth if config.orth.head == 0 else arnoldi.FULL
-    inner = config._replace(orth=orth, solution_adjoint=False, direct=False)
-    forward = extended_hessenberg(decomp.hessenberg, dim)
-    m1 = forward.shape[0]
+    m1 = arnoldi.single(decomp).shape[0]
+    hessenberg = decomp.hessenberg[:m1, : m1 - 1]
+    # The adjoint's basis takes at most `adjoint_rows` rows (the kept rows, see
+    # `_sweep.kept_rows`), so that it needs no more memory than the kept basis: where
+    # it needs a larger dimension it takes more, shorter substeps instead.
+    adjoint_dim_max = min(m1, max(adjoint_rows, 2)) - 1
+    inner = config._replace(
+        orth=orth,
+        max_dim=adjoint_dim_max,
+        min_dim=min(config.min_dim, adjoint_dim_max),
+        solution_adjoint=False,
+        direct=False,
+    )
+    forward = extended_hessenberg(hessenberg, dim)
     forward_mask = coefficient_mask(m1, dim, config.corrected)
 
     def visit(time, adjoint, adjoint_dim, adjoint_tau):
@@ -300,9 +351,14 @@ def _solution_adjoint(
         size = arnoldi.capacity(adjoint, inner.orth)
         low = 1 if len(adjoint.basis) == 1 else size
         near = position - time - adjoint_tau
-        y_near = exp_coefficients(decomp.hessenberg, dim, near, low=low)
+        y_near = exp_coefficients(hessenberg, dim, near, low=low)
         y_near = decomp.beta * y_near
         extended = extended_hessenberg(adjoint.hessenberg, adjoint_dim)
+        extended = (
+            jnp.zeros((m1, m1), extended.dtype)
+            .at[: extended.shape[0], : extended.shape[0]]
+            .set(extended)
+        )
         gram = exp_gram(
             extended, adjoint_dim, forward, dim, y_near, adjoint_tau, low=low
         )
@@ -322,6 +378,6 @@ def _solution_adjoint(
         False,
         visit if want_params else None,
         params_bar if want_params else None,
-        min_capacity=dim + 1 if want_params else None,
+        min_capacity=jnp.minimum(dim, adjoint_dim_max) + 1 if want_params else None,
     )
     return final.outputs[0], (final.visited if want_params else params_bar)

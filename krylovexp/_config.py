@@ -20,3 +20,6 @@ class _Config(NamedTuple):
     # and the adjoint of the exact solution (`KrylovAdjoint(mode="solution")`).
     direct: bool = False
     solution_adjoint: bool = False
+    # Set by `KrylovAdjoint`: basis rows the backward pass keeps and rebuilds in (see
+    # `_sweep.kept_rows`).
+    basis_rows: int = 32

@@ -20,6 +20,12 @@ _MAX_REJECTIONS = 40
 _ONE_BUFFER_BYTES = 2**20
 
 
+def one_buffer(max_dim: int, w) -> bool:
+    """Whether a basis of `max_dim + 1` rows like `w` grows in one buffer (small
+    problems) rather than in chunks. Static."""
+    return (max_dim + 1) * w.size * w.dtype.itemsize <= _ONE_BUFFER_BYTES
+
+
 def _while(cond, body, init, max_steps, direct):
     if direct:
         return eqxi.while_loop(cond, body, init, max_steps=max_steps, kind="bounded")
@@ -107,7 +113,7 @@ def _substep(
     m = config.max_dim
     capacities = arnoldi.row_buckets(m + 1)
     boundaries = jnp.asarray([c - 1 for c in capacities])
-    if buffer is None and (m + 1) * w.size * w.dtype.itemsize <= _ONE_BUFFER_BYTES:
+    if buffer is None and one_buffer(m, w):
         # A small basis is cheapest in one buffer (one compiled loop).
         buffer = jnp.zeros((m + 1,) + w.shape, w.dtype)
         keep = False

@@ -15,7 +15,7 @@ from . import _arnoldi as arnoldi
 from ._config import _Config
 from ._projected import combine, error_estimate, exp_coefficients
 from ._solution import RESULTS
-from ._substep import _substep, _while
+from ._substep import _substep, _while, one_buffer
 
 
 # Substep starts kept for the backward pass; see `_store_checkpoint`.
@@ -33,12 +33,28 @@ def _max_stride(config: _Config) -> int:
     return stride
 
 
+def kept_rows(config: _Config, vector) -> int:
+    """The rows of the basis buffer the backward pass keeps and rebuilds substeps in.
+
+    A basis that grows in one buffer (`one_buffer`) is recorded in that buffer,
+    `max_dim + 1` rows. A larger one grows in chunks, as without recording, and
+    `config.basis_rows` rows (at most `max_dim + 1`) are kept: the last substep's
+    basis when it fits, and the backward pass rebuilds in them every substep whose
+    dimension fits too (a larger one in a buffer of its own). Memory that is written
+    is paid for on every call (a zero fill, and on XLA:CPU page faults once the
+    temporaries exceed glibc's `mmap` threshold), so this bounds it by what a
+    typical dimension needs rather than by `max_dim`. Static."""
+    if one_buffer(config.max_dim, vector):
+        return config.max_dim + 1
+    return min(config.max_dim + 1, config.basis_rows)
+
+
 class _Record(NamedTuple):
     """What the forward sweep keeps for the backward pass: the start vectors of every
     `stride`-th substep, each substep's start time and step size, the outputs it
     covered (`first` to `last`, exclusive) and whether it ends at the final time, and
-    the last substep's decomposition (its basis in `basis`, the buffer every recorded
-    substep grows in)."""
+    the last substep's decomposition (its basis in `basis`, `kept_rows` rows, and
+    whether it fitted there, `kept`)."""
 
     checkpoints: Array  # (slots, n)
     stride: Array
@@ -47,7 +63,8 @@ class _Record(NamedTuple):
     first: Array
     last: Array
     ends: Array
-    basis: Array  # (max_dim + 1, n)
+    basis: Array  # (kept_rows, n)
+    kept: Array
     hessenberg: Array
     beta: Array
 
@@ -140,8 +157,12 @@ def _sweep(
         finite = finite & jnp.all(jnp.isfinite(leaf))
     valid = monotone & finite
 
+    # A small basis is recorded in the buffer every substep grows in; a large one grows
+    # in chunks as it would without recording and is copied when it fits.
+    in_buffer = one_buffer(config.max_dim, vector)
     if record:
-        start = arnoldi.start(vector, config.max_dim)
+        rows = kept_rows(config, vector)
+        start = arnoldi.start(vector, config.max_dim, rows=max(rows, 1))
         rec = _Record(
             checkpoints=jnp.zeros((_checkpoint_slots(config), n), vector.dtype),
             stride=jnp.asarray(1),
@@ -150,7 +171,8 @@ def _sweep(
             first=jnp.zeros(config.max_substeps, jnp.int32),
             last=jnp.zeros(config.max_substeps, jnp.int32),
             ends=jnp.zeros(config.max_substeps, bool),
-            basis=arnoldi.single(start),
+            basis=arnoldi.single(start)[:rows],
+            kept=jnp.asarray(in_buffer),
             hessenberg=start.hessenberg,
             beta=start.beta,
         )
@@ -217,7 +239,10 @@ def _sweep(
             outputs = jnp.where(ends, outputs.at[num_times - 1].set(value), outputs)
             segment = jnp.where(ends, num_times, segment)
             visited = None if visit is None else visit(c.time, decomp, dim, tau)
-            return segment, outputs, ok, visited
+            kept = None
+            if c.record is not None and not in_buffer:
+                kept = _keep(c.record.basis, decomp, config.orth)
+            return segment, outputs, ok, visited, kept
 
         sub = _substep(
             system,
@@ -227,21 +252,23 @@ def _sweep(
             remaining,
             tol_per_time,
             config,
-            buffer=None if c.record is None else c.record.basis,
+            buffer=c.record.basis if record and in_buffer else None,
             finish=finish,
             min_capacity=min_capacity,
         )
-        segment, outputs, interior_ok, increment = sub.extra
+        segment, outputs, interior_ok, increment, kept = sub.extra
         if record:
             index = c.num_substeps
             r = _store_checkpoint(c.record, index, c.w)
+            basis, fits = (sub.basis, jnp.asarray(True)) if in_buffer else kept
             rec = r._replace(
                 starts=r.starts.at[index].set(lax.stop_gradient(c.time)),
                 taus=r.taus.at[index].set(lax.stop_gradient(sub.tau)),
                 first=r.first.at[index].set(c.segment),
                 last=r.last.at[index].set(segment),
                 ends=r.ends.at[index].set(sub.ends),
-                basis=sub.basis,
+                basis=basis,
+                kept=fits,
                 hessenberg=sub.hessenberg,
                 beta=sub.beta,
             )
@@ -302,6 +329,18 @@ def _sweep(
         "growth_factor": growth,
     }
     return final, result, stats
+
+
+def _keep(buffer, decomp, orth):
+    """Copy the rows of a chunked decomposition into `buffer` if they fit (static:
+    the chunks' capacity), and say whether they did."""
+    if arnoldi.capacity(decomp, orth) > buffer.shape[0]:
+        return buffer, jnp.asarray(False)
+    for (offset, skip, _), chunk in zip(
+        arnoldi.chunk_layout(decomp, orth), decomp.basis, strict=True
+    ):
+        buffer = lax.dynamic_update_slice_in_dim(buffer, chunk[skip:], offset, 0)
+    return buffer, jnp.asarray(True)
 
 
 def _growth_factor(final: _Carry, vector, config: _Config):

@@ -14,6 +14,7 @@ from support.measure import rel_err
 from support.operators import convection_diffusion_1d, laplacian_1d, random_hermitian
 from support.peers import matfree_expm
 from support.problems import variable_diffusion_problem
+from support.references import periodic_convection_diffusion
 
 
 N = 30
@@ -566,3 +567,65 @@ def test_module_config_is_jittable():
     solver = kx.KrylovExpm(rtol=1e-10)
     f = eqx.filter_jit(lambda s, m, v: s(m, v, 0.3))
     np.testing.assert_allclose(f(solver, A, V), jsl.expm(0.3 * A) @ V, rtol=1e-9)
+
+
+# One substep whose basis the forward pass keeps (default budget).
+_KEPT = dict(norm=500.0, options={})
+# Many substeps of dimension 40 rebuilt outside a 24-row budget, and a last one
+# within it that is kept.
+_REBUILT = dict(norm=3000.0, options=dict(max_krylov_dim=40), basis_rows=24)
+
+
+@pytest.mark.parametrize(
+    "method, setting",
+    [
+        ("lanczos", _REBUILT),
+        pytest.param("lanczos", _KEPT, marks=pytest.mark.slow),
+        pytest.param("arnoldi", _KEPT, marks=pytest.mark.slow),
+        pytest.param("arnoldi", _REBUILT, marks=pytest.mark.slow),
+    ],
+    ids=["rebuilt-lanczos", "kept-lanczos", "kept-arnoldi", "rebuilt-arnoldi"],
+)
+def test_grad_of_a_large_state_against_the_fourier_exact_solution(method, setting):
+    """A state large enough that the basis grows in chunks and the backward pass
+    keeps or rebuilds it within `basis_rows` (`n = 4096`, 3.3 MB per basis of 101
+    vectors): value and gradient in (κ, c) and `v` against the exact solution of the
+    periodic problem by the discrete Fourier transform."""
+    n = 4096
+    matvec, exact = periodic_convection_diffusion(n)
+    x = jnp.arange(n) / n
+    v = jnp.exp(-((x - 0.4) ** 2) / 0.002) + 0.3 * jnp.sin(6 * jnp.pi * x)
+    theta = jnp.array([1.0, 0.0 if method == "lanczos" else 300.0])
+    t = setting["norm"] / (4 * n**2)
+    adjoint = kx.KrylovAdjoint(basis_rows=setting.get("basis_rows", 32))
+    solver = kx.KrylovExpm(
+        method=method, rtol=1e-10, adjoint=adjoint, **setting["options"]
+    )
+    tags = lx.symmetric_tag if method == "lanczos" else ()
+
+    def solve(theta, v):
+        structure = jax.ShapeDtypeStruct((n,), v.dtype)
+        op = lx.FunctionLinearOperator(lambda u: matvec(theta, u), structure, tags)
+        return solver.expmv(op, v, t)
+
+    def loss(theta, v):
+        return jnp.sum(jnp.sin(solve(theta, v).value))
+
+    def loss_exact(theta, v):
+        return jnp.sum(jnp.sin(exact(theta, v, t)))
+
+    sol = jax.jit(solve)(theta, v)
+    dims = np.asarray(sol.stats["krylov_dims"])[: int(sol.stats["num_substeps"])]
+    if setting.get("basis_rows"):
+        assert dims.max() + 1 > setting["basis_rows"] >= dims[-1] + 1
+    assert rel_err(sol.value, exact(theta, v, t)) < 1e-9
+    got = jax.jit(jax.grad(loss, argnums=(0, 1)))(theta, v)
+    want = jax.grad(loss_exact, argnums=(0, 1))(theta, v)
+    assert abs(got[0][0] - want[0][0]) < 1e-9 * abs(want[0][0])
+    assert abs(got[0][1] - want[0][1]) < 1e-9 * jnp.linalg.norm(want[0])
+    assert rel_err(got[1], want[1]) < 1e-9
+
+
+def test_basis_rows_must_be_a_non_negative_integer():
+    with pytest.raises(ValueError, match="basis_rows"):
+        kx.KrylovAdjoint(basis_rows=-1)
