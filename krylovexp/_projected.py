@@ -94,17 +94,21 @@ def _squarings_with_rounding(x, squarings):
     u = jnp.finfo(x.dtype).eps / 2
     real = jnp.finfo(x.dtype).dtype
 
-    def square(i, state):
-        def step(state):
-            x, r = state
-            x2 = x @ x
-            magnitude = jnp.abs(x) @ jnp.abs(x)
-            ratio = _norm1(magnitude) / jnp.maximum(_norm1(x2), jnp.finfo(real).tiny)
-            return x2, (2 * r + u) * ratio
+    def step(state):
+        i, x, r = state
+        x2 = x @ x
+        magnitude = jnp.abs(x) @ jnp.abs(x)
+        ratio = _norm1(magnitude) / jnp.maximum(_norm1(x2), jnp.finfo(real).tiny)
+        return i + 1, x2, (2 * r + u) * ratio
 
-        return lax.cond(i < squarings, step, lambda state: state, state)
-
-    x, r = lax.fori_loop(0, _MAX_SQUARINGS, square, (x, jnp.asarray(u, real)))
+    # Exactly `squarings` trips (this result is never differentiated): a loop of
+    # `_MAX_SQUARINGS` conditional trips costs more than the products at these sizes.
+    limit = jnp.minimum(squarings, _MAX_SQUARINGS)
+    _, x, r = lax.while_loop(
+        lambda state: state[0] < limit,
+        step,
+        (jnp.asarray(0, limit.dtype), x, jnp.asarray(u, real)),
+    )
     normal = (2.0 ** (squarings + 1) - 1) * u
     excess = _norm1(x) * jnp.maximum(r - normal, 0).astype(real)
     return x, jnp.where(jnp.all(jnp.isfinite(x)), excess, 0)
