@@ -145,6 +145,9 @@ class KrylovExpm(eqx.Module):
         A [`krylovexp.Solution`][]; `value` has the structure of `vector`, with a
         leading axis of length `len(t)` if `t` is 1-D.
         """
+        return _compiled_expmv(self, operator, vector, _as_time(t))
+
+    def _expmv(self, operator, vector, t) -> Solution:
         op = as_operator(operator)
         check_vector(op, vector, "vector")
         if is_diagonal_operator(op):
@@ -176,13 +179,16 @@ class KrylovExpm(eqx.Module):
                 "`vectors` must be a non-empty tuple (b_0, ..., b_p) of pytrees "
                 "matching the operator's input structure."
             )
+        return _compiled_phimv(self, operator, tuple(vectors), _as_time(t))
+
+    def _phimv(self, operator, vectors, t) -> Solution:
         op = as_operator(operator)
         for j, b in enumerate(vectors):
             check_vector(op, b, f"vectors[{j}]")
         if is_diagonal_operator(op):
             return diagonal_phimv(self, op, tuple(vectors), t)
         if len(vectors) == 1:
-            return self.expmv(op, vectors[0], t)
+            return self._expmv(op, vectors[0], t)
         p = len(vectors) - 1
         flats = [ravel_pytree(b)[0] for b in vectors]
         _, unravel = ravel_pytree(vectors[0])
@@ -359,6 +365,20 @@ class _AugmentedSystem(AbstractSystem):
 
 # ---------------------------------------------------------------------------------
 # Front doors.
+
+
+def _as_time(t):
+    # An array, so that a new value of `t` reuses the compiled sweep (a Python float
+    # would be a static argument of `filter_jit`).
+    return t if isinstance(t, jax.Array) else jnp.asarray(t)
+
+
+# Called outside `jit`, the sweep would otherwise run op by op, compiling each of its
+# loops afresh on every call (seconds each time); as in `lineax.linear_solve` and
+# `diffrax.diffeqsolve`, one compiled program serves every call with the same
+# structure. Inside a `jit` it is traced as part of the caller.
+_compiled_expmv = eqx.filter_jit(KrylovExpm._expmv)
+_compiled_phimv = eqx.filter_jit(KrylovExpm._phimv)
 
 
 def expmv(
