@@ -1,9 +1,11 @@
-"""Exponential time differencing: the fixed-step exponential Runge–Kutta solvers of
-`y' = L y` and `y' = L y + N(t, y, args)` (exact linear, Euler, ETDRK2, ETDRK4).
+"""Exponential time differencing: the exponential Runge–Kutta solvers of `y' = L y` and
+`y' = L y + N(t, y, args)` (exact linear, Euler, ETDRK2 with its embedded Euler
+estimate, and the tableau-driven ETDRK4 and HochOst4).
 """
 
 from typing import ClassVar, NamedTuple
 
+import diffrax
 import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
@@ -20,6 +22,7 @@ from ._solver_base import (
     _repeat,
     _safe_inverse,
     _split_dense,
+    _where,
     _zeros_like,
 )
 
@@ -103,22 +106,27 @@ class ExponentialEuler(AbstractExponentialSolver):
         return y1, None, ym
 
 
-class ETDRK2(AbstractExponentialSolver):
+class ETDRK2(diffrax.AbstractAdaptiveSolver, AbstractExponentialSolver):
     r"""Second-order exponential Runge–Kutta method ETD2RK of Cox & Matthews for
-    `y' = L y + N(t, y, args)`:
+    `y' = L y + N(t, y, args)`, with exponential Euler embedded:
 
-    `a = exp(hL) y0 + h phi_1(hL) N(t0, y0)`,
+    `a = exp(hL) y0 + h phi_1(hL) N(t0, y0)` (exponential Euler, order 1),
     `y1 = a + h phi_2(hL) (N(t0 + h, a) - N(t0, y0))`.
 
     **Order:** 2 (stiff order 2).
-    **Error estimator:** none; use fixed steps.
+    **Error estimator:** `y1 - a = h phi_2(hL) (N(t0 + h, a) - N(t0, y0))`, the
+    difference to the embedded exponential Euler solution; local order 2, so
+    `error_order = 2`. Fixed steps (`diffrax.ConstantStepSize`) ignore it;
+    `diffrax.PIDController` makes the scheme adaptive at no extra cost.
     **Term structure:** `MultiTerm(LinearTerm(L), ODETerm(N))`.
     **Cost per step:** two N evaluations, two `phimv` sweeps.
 
     **Arguments:** as [`krylovexp.LinearExponential`][].
 
-    **Reference:** S. M. Cox and P. C. Matthews, "Exponential time differencing for
-    stiff systems", J. Comput. Phys. 176 (2002), eq. (22).
+    **References:** S. M. Cox and P. C. Matthews, "Exponential time differencing for
+    stiff systems", J. Comput. Phys. 176 (2002), eq. (22); P. Whalen, M. Brio and
+    J. V. Moloney, "Exponential time-differencing with embedded Runge–Kutta adaptive
+    step control", J. Comput. Phys. 280 (2015).
     """
 
     krylov: KrylovExpm | None = None
@@ -132,34 +140,46 @@ class ETDRK2(AbstractExponentialSolver):
     def order(self, terms) -> int | None:
         return 2
 
+    def error_order(self, terms) -> int | None:
+        return 2
+
     def _step(self, problem, t0, t1, h, y0, args, tracker):
         operator = problem.linear.make_operator(args)
         nonlinear = problem.nonlinear
         n0 = _vf(nonlinear, t0, y0, args)
         hinv = _safe_inverse(h)
         times = self._times(h)
+        zero = _zeros_like(y0)
 
         # Sweep 0: a = exp(hL) y0 + h phi_1 N0 (b_2 = 0).
-        # Sweep 1: y1 = a + h phi_2 (N(t1, a) - N0), i.e. b_2 = (N(t1, a) - N0) / h.
+        # Sweep 1: y1 - a = h phi_2 (N(t1, a) - N0), i.e. b_0 = b_1 = 0 and
+        # b_2 = (N(t1, a) - N0) / h: the error estimate, and the correction of the
+        # dense output at every node.
         def vectors(i, aux):
             b2, _ = aux
-            return (y0, n0, b2)
+            first = i == 0
+            return (_where(first, y0, zero), _where(first, n0, zero), b2)
 
         def update(i, values, aux):
-            b2, _ = aux
+            b2, outs = aux
 
             def slope():
                 na = _vf(nonlinear, t1, _at(values, -1), args)
                 return _lin((hinv, na), (-hinv, n0))
 
-            return lax.cond(i == 0, slope, lambda: b2), values
+            b2 = lax.cond(i == 0, slope, lambda: b2)
+            outs = jtu.tree_map(lambda o, v: o.at[i].set(v), outs, values)
+            return b2, outs
 
-        aux = (_zeros_like(y0), _repeat(y0, len(_NODES) + 1))
-        _, values = tracker.sweeps(
-            self._krylov(), operator, 2, vectors, lambda i: times, update, aux
+        k = len(_NODES) + 1
+        outs = jtu.tree_map(lambda y: jnp.zeros((2, k) + y.shape, y.dtype), y0)
+        _, outs = tracker.sweeps(
+            self._krylov(), operator, 2, vectors, lambda i: times, update, (zero, outs)
         )
+        values = jtu.tree_map(lambda o: o[0] + o[1], outs)
+        y_error = _at(_at(outs, 1), -1)
         y1, ym = _split_dense(values)
-        return y1, None, ym
+        return y1, y_error, ym
 
 
 class _Tableau(NamedTuple):
@@ -220,7 +240,27 @@ _HOCHOST4_TABLEAU = _Tableau(
 )
 
 
-class ETDRK4(AbstractExponentialSolver):
+class _AbstractTableauSolver(AbstractExponentialSolver):
+    """An exponential Runge–Kutta method of classical order 4 given by its `_Tableau`:
+    the step, the phi-table sweep times and the order follow from it."""
+
+    _tableau: ClassVar[_Tableau]
+    _kinds: ClassVar[tuple[str, ...]] = ("semilinear",)
+    _phi_order: ClassVar[int] = 3
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "_tableau" in cls.__dict__:
+            cls._phi_sweeps = cls._tableau.phi_sweeps
+
+    def order(self, terms) -> int | None:
+        return 4
+
+    def _step(self, problem, t0, t1, h, y0, args, tracker):
+        return _tableau_step(self, self._tableau, problem, t0, t1, h, y0, args, tracker)
+
+
+class ETDRK4(_AbstractTableauSolver):
     r"""Fourth-order exponential Runge–Kutta method of Krogstad (ETDRK4-B) for
     `y' = L y + N(t, y, args)`.
 
@@ -260,22 +300,10 @@ class ETDRK4(AbstractExponentialSolver):
     rtol: float | None = eqx.field(default=None, static=True)
     atol: float | None = eqx.field(default=None, static=True)
 
-    _kinds: ClassVar[tuple[str, ...]] = ("semilinear",)
-    _phi_sweeps: ClassVar[tuple[tuple[float, ...], ...] | None] = (
-        _ETDRK4_TABLEAU.phi_sweeps
-    )
-    _phi_order: ClassVar[int] = 3
-
-    def order(self, terms) -> int | None:
-        return 4
-
-    def _step(self, problem, t0, t1, h, y0, args, tracker):
-        return _tableau_step(
-            self, _ETDRK4_TABLEAU, problem, t0, t1, h, y0, args, tracker
-        )
+    _tableau: ClassVar[_Tableau] = _ETDRK4_TABLEAU
 
 
-class HochOst4(AbstractExponentialSolver):
+class HochOst4(_AbstractTableauSolver):
     r"""Fourth-order exponential Runge–Kutta method of Hochbruck and Ostermann
     (2005, eq. (5.19)) for `y' = L y + N(t, y, args)`: five stages that satisfy all
     the stiff order conditions of order 4, so the order holds for stiff parabolic
@@ -313,19 +341,7 @@ class HochOst4(AbstractExponentialSolver):
     rtol: float | None = eqx.field(default=None, static=True)
     atol: float | None = eqx.field(default=None, static=True)
 
-    _kinds: ClassVar[tuple[str, ...]] = ("semilinear",)
-    _phi_sweeps: ClassVar[tuple[tuple[float, ...], ...] | None] = (
-        _HOCHOST4_TABLEAU.phi_sweeps
-    )
-    _phi_order: ClassVar[int] = 3
-
-    def order(self, terms) -> int | None:
-        return 4
-
-    def _step(self, problem, t0, t1, h, y0, args, tracker):
-        return _tableau_step(
-            self, _HOCHOST4_TABLEAU, problem, t0, t1, h, y0, args, tracker
-        )
+    _tableau: ClassVar[_Tableau] = _HOCHOST4_TABLEAU
 
 
 def _tableau_step(solver, tableau, problem, t0, t1, h, y0, args, tracker):
