@@ -353,12 +353,8 @@ def _solution_adjoint(
         near = position - time - adjoint_tau
         y_near = exp_coefficients(hessenberg, dim, near, low=low)
         y_near = decomp.beta * y_near
-        extended = extended_hessenberg(adjoint.hessenberg, adjoint_dim)
-        extended = (
-            jnp.zeros((m1, m1), extended.dtype)
-            .at[: extended.shape[0], : extended.shape[0]]
-            .set(extended)
-        )
+        # Padded to the forward basis' rows, where the adjoint's basis is smaller.
+        extended = extended_hessenberg(adjoint.hessenberg, adjoint_dim, size=m1)
         gram = exp_gram(
             extended, adjoint_dim, forward, dim, y_near, adjoint_tau, low=low
         )

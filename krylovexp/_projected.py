@@ -154,13 +154,17 @@ def expm_corner(left: jax.Array, coupling: jax.Array, right: jax.Array) -> jax.A
     return _scaled_taylor_exp((left, coupling, right), mul, identity, columns)[1]
 
 
-def extended_hessenberg(hessenberg: jax.Array, dim: jax.Array) -> jax.Array:
-    """`H_ext` of Krylov dimension `dim`, zero-padded to `(m + 1) x (m + 1)`."""
+def extended_hessenberg(
+    hessenberg: jax.Array, dim: jax.Array, size: int | None = None
+) -> jax.Array:
+    """`H_ext` of Krylov dimension `dim`, zero-padded to `size x size` (default
+    `(m + 1) x (m + 1)`; at least that)."""
     m1, m = hessenberg.shape
+    size = m1 if size is None else size
     rows = jnp.arange(m1)[:, None]
     cols = jnp.arange(m)[None, :]
     masked = jnp.where((rows <= dim) & (cols < dim), hessenberg, 0)
-    return jnp.zeros((m1, m1), hessenberg.dtype).at[:, :m].set(masked)
+    return jnp.zeros((size, size), hessenberg.dtype).at[:m1, :m].set(masked)
 
 
 def exp_coefficients(
