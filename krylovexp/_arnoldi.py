@@ -25,6 +25,8 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 
+from . import _batching as batching
+
 
 Matvec = Callable[[Any, jax.Array], jax.Array]
 
@@ -92,6 +94,8 @@ def bucket_switch(needed: jax.Array, size: int, make_branch, *operands, low: int
     buckets = buckets[first:]
     if len(buckets) == 1:
         return make_branch(buckets[0])(*operands)
+    # In the batched mode, the bucket that fits every element.
+    needed = batching.batch_max(jnp.asarray(needed))
     index = jnp.searchsorted(jnp.asarray(buckets), needed, side="left")
     index = jnp.minimum(index, len(buckets) - 1)
     return lax.switch(index, [make_branch(b) for b in buckets], *operands)
@@ -172,7 +176,7 @@ def orthonormalise_full(chunks, w0, j, column_size, low: int = 1):
 
             c1, w1 = one_pass(w0)
             norm0, norm1 = safe_norm(w0), safe_norm(w1)
-            c2, w2 = lax.cond(
+            c2, w2 = batching.cond(
                 norm1 < 0.7071 * norm0,
                 one_pass,
                 lambda w: (jnp.zeros_like(c1), w),
@@ -334,6 +338,13 @@ def step(
     else:
         w0 = matvec(params, lax.dynamic_index_in_dim(last, j - base, keepdims=False))
         q_next, column = orthonormalise_window(last, base, w0, j, orth, column_size)
+    mask = batching.active()
+    if mask is not None:
+        # An element that does not advance keeps its row and column (see
+        # `batching.loop`): the decomposition is never copied whole.
+        kept = lax.dynamic_index_in_dim(last, j + 1 - base, keepdims=False)
+        q_next = jnp.where(mask, q_next, kept)
+        column = jnp.where(mask, column, hessenberg[:, j])
     last = lax.dynamic_update_index_in_dim(last, q_next, j + 1 - base, 0)
     hessenberg = hessenberg.at[:, j].set(column)
     breakdown = column[j + 1] == 0
@@ -372,7 +383,17 @@ def build(
     def body(j, decomp):
         return step(matvec, params, decomp, j, orth)[0]
 
-    return lax.fori_loop(0, dim, body, decomp)
+    return batching.fori(0, dim, body, decomp, merge=keep_decomposition)
+
+
+def keep_decomposition(mask, new, old):
+    """The batched mode's merge (see `batching.loop`) of a loop whose state starts
+    with a decomposition that only `step` changes: `step` writes it under the mask of
+    the live elements, so it is taken as it is rather than copied."""
+    if isinstance(new, Decomposition):
+        return new
+    merged = batching.select(mask, new[1:], old[1:])
+    return (new[0], *merged)
 
 
 def weighted_sum(decomp: Decomposition, weights: jax.Array, orth: Orthogonalisation):
@@ -475,7 +496,7 @@ def reverse_sweep(
         params_bar = jax.tree.map(jnp.add, params_bar, p_bar)
         return basis_bar, hessenberg_bar, params_bar
 
-    basis_bar, _, params_bar = lax.fori_loop(
+    basis_bar, _, params_bar = batching.fori(
         0, dim, body, (basis_bar, hessenberg_bar, params_bar)
     )
 

@@ -9,7 +9,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from . import _arnoldi as arnoldi
+from . import _arnoldi as arnoldi, _batching as batching
 from ._config import _Config
 from ._operator import AbstractSystem
 from ._projected import (
@@ -48,7 +48,7 @@ def _backward(
             return small(*operands)
         if rows < 2:
             return large(*operands)
-        return lax.cond(dims[s] + 1 <= rows, small, large, *operands)
+        return batching.cond(dims[s] + 1 <= rows, small, large, *operands)
 
     def fresh(size):
         return jnp.zeros((size,) + vector.shape, vector.dtype)
@@ -89,10 +89,10 @@ def _backward(
 
             w = rec.checkpoints[s // rec.stride]
             starts = starts.at[0].set(w)
-            return lax.fori_loop(0, s - first, advance, (starts, w))[0]
+            return batching.fori(0, s - first, advance, (starts, w))[0]
 
         refresh = (k == 0) | (s % rec.stride == rec.stride - 1)
-        starts = lax.cond(refresh, recompute, lambda starts: starts, starts)
+        starts = batching.cond(refresh, recompute, lambda starts: starts, starts)
         return starts[s - first], starts
 
     def body(k, carry):
@@ -103,7 +103,7 @@ def _backward(
         def small(basis, w_bar, params_bar, times_bar):
             # The last substep's basis is kept from the forward pass when it fitted;
             # the others are rebuilt in the same buffer from their start vectors.
-            decomp = lax.cond(
+            decomp = batching.cond(
                 (k == 0) & rec.kept,
                 lambda basis: arnoldi.Decomposition((basis,), rec.hessenberg, rec.beta),
                 lambda basis: rebuild(start, s, basis),
@@ -163,7 +163,7 @@ def _backward(
                 )
                 return times_bar.at[j].add(jnp.real(jnp.sum(output_bar(j) * rate)))
 
-            times_bar = lax.fori_loop(first, last, add_time_bar, times_bar)
+            times_bar = batching.fori(first, last, add_time_bar, times_bar)
 
         if config.solution_adjoint:
             # From the end back to the first interior output with a nonzero
@@ -194,7 +194,7 @@ def _backward(
                         rows,
                     )
 
-                lam, params_bar = lax.cond(
+                lam, params_bar = batching.cond(
                     run,
                     advance,
                     lambda lam, params_bar: (lam, params_bar),
@@ -205,7 +205,7 @@ def _backward(
                 position = jnp.where(run, stop, position)
                 return j - 1, lam, params_bar, position
 
-            _, start_bar, params_bar, _ = lax.while_loop(
+            _, start_bar, params_bar, _ = batching.loop(
                 segment_cond,
                 segment_body,
                 (last - 1, end_bar, params_bar, tau),
@@ -226,7 +226,7 @@ def _backward(
             _, vjp = jax.vjp(
                 lambda *d: value_at(tau, *d), single, decomp.hessenberg, decomp.beta
             )
-            bars = lax.fori_loop(first, last, cotangents, vjp(end_bar))
+            bars = batching.fori(first, last, cotangents, vjp(end_bar))
             basis_bar, hessenberg_bar, beta_bar = bars
             start_bar, params_bar = arnoldi.reverse_sweep(
                 system.matvec,
@@ -247,7 +247,7 @@ def _backward(
         if max_stride == 1
         else jnp.zeros((max_stride,) + vector.shape, vector.dtype)
     )
-    w_bar, params_bar, times_bar, _, _ = lax.fori_loop(
+    w_bar, params_bar, times_bar, _, _ = batching.fori(
         0, num_substeps, body, (w_bar, params_bar, times_bar, starts, rec.basis)
     )
     return params_bar, w_bar, times_bar
@@ -294,7 +294,8 @@ def _matvec_vjp_sum(system, params, rows, weights, others, orth, count):
         return jtu.tree_map(jnp.add, total, vjp(cotangents)[0])
 
     num_chunks = (count + chunk - 1) // chunk
-    return lax.fori_loop(0, num_chunks, body, jtu.tree_map(jnp.zeros_like, params))
+    zero = jtu.tree_map(jnp.zeros_like, params)
+    return batching.fori(0, num_chunks, body, zero)
 
 
 def _solution_adjoint(

@@ -23,3 +23,5 @@ class _Config(NamedTuple):
     # Set by `KrylovAdjoint`: basis rows the backward pass keeps and rebuilds in (see
     # `_sweep.kept_rows`).
     basis_rows: int = 32
+    # How the loops run under `vmap`: "sequential" or "batched" (see `_batching`).
+    batching: str = "sequential"

@@ -12,6 +12,7 @@ from jax.interpreters import ad, batching
 
 from . import _arnoldi as arnoldi
 from ._backward import _backward
+from ._batching import under_vmap
 from ._config import _Config
 from ._operator import AbstractSystem
 from ._solution import error_if
@@ -163,8 +164,7 @@ def _tangent_transpose(inputs, cotangents):
     )
     want_times = _is_undefined(times_dot)
 
-    # Sequential under `vmap`, for the reason given in `_loop`.
-    @jax.custom_batching.sequential_vmap
+    # Under `vmap` as the forward sweep runs (see `_loop`).
     def backward(params, vector, times, residuals, outputs_bar):
         return _backward(
             params,
@@ -178,6 +178,7 @@ def _tangent_transpose(inputs, cotangents):
             want_times,
         )
 
+    backward = under_vmap(backward, config.batching)
     grads = backward(params, vector, times, residuals, outputs_bar)
     if config.throw:
         # A NaN the operator's VJP produces on the backward pass only (the forward

@@ -17,6 +17,7 @@ from jaxtyping import Array, ArrayLike, PyTree, Real
 
 from . import _arnoldi as arnoldi
 from ._adjoints import AbstractKrylovAdjoint, KrylovAdjoint
+from ._batching import Batching, resolve as resolve_batching
 from ._config import _Config
 from ._diagonal import diagonal_phimv, is_diagonal_operator
 from ._operator import (
@@ -65,6 +66,12 @@ class KrylovExpm(eqx.Module):
     - `adjoint`: [`krylovexp.KrylovAdjoint`][] (default) or
         [`krylovexp.DirectAdjoint`][].
     - `throw`: raise a runtime error on failure (else only report `Solution.result`).
+    - `batching`: how `jax.vmap` runs the adaptive loops: `"sequential"` (one element
+        after another, each with its own loops, as fast per solve as unbatched),
+        `"batched"` (one loop for the whole batch: every matvec is applied to the
+        batch at once, and each element's Krylov dimension, step size and acceptance
+        are its own, under a mask), or `"auto"` (default: sequential on CPU, batched on
+        accelerators). Results are the same either way, to round-off.
     - `corrected`: return the corrected approximation `beta Q_{k+1} exp(tau H_ext) e_1`,
         which uses the next basis vector at no extra cost (Saad 1992) and is more
         accurate than the error estimate says; `False` gives the plain Galerkin
@@ -84,6 +91,7 @@ class KrylovExpm(eqx.Module):
     adjoint: AbstractKrylovAdjoint = KrylovAdjoint()
     throw: bool = eqx.field(default=True, static=True)
     corrected: bool = eqx.field(default=True, static=True)
+    batching: Batching = eqx.field(default="auto", static=True)
 
     _methods: ClassVar[tuple[str, ...]] = ("auto", "arnoldi", "lanczos")
 
@@ -96,6 +104,11 @@ class KrylovExpm(eqx.Module):
             value = getattr(self, name)
             if value is not None and not (np.isfinite(value) and value >= 0):
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value}.")
+        if self.batching not in ("auto", "sequential", "batched"):
+            raise ValueError(
+                "`batching` must be one of 'auto', 'sequential', 'batched', got "
+                f"{self.batching!r}."
+            )
         if self.rtol == 0 and self.atol == 0:
             raise ValueError("`rtol` and `atol` cannot both be zero.")
         if self.max_krylov_dim is not None and self.max_krylov_dim < 1:
@@ -271,6 +284,7 @@ class KrylovExpm(eqx.Module):
             orth=orth,
             corrected=self.corrected,
             throw=self.throw,
+            batching=resolve_batching(self.batching),
         )
 
 

@@ -19,6 +19,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _batching as batching
 from ._arnoldi import Decomposition, Orthogonalisation, bucket_switch, weighted_sum
 
 
@@ -62,7 +63,7 @@ def _scaled_taylor_exp(parts, mul, identity, norm, rounding=False):
         return jnp.where(valid, result, jnp.nan), jnp.where(valid, excess, jnp.inf)
 
     def square(i, r):
-        return lax.cond(i < squarings, lambda r: mul(r, r), lambda r: r, r)
+        return batching.cond(i < squarings, lambda r: mul(r, r), lambda r: r, r)
 
     result = lax.fori_loop(0, _MAX_SQUARINGS, square, result)
     return tuple(jnp.where(squarings <= _MAX_SQUARINGS, x, jnp.nan) for x in result)
@@ -104,7 +105,7 @@ def _squarings_with_rounding(x, squarings):
     # Exactly `squarings` trips (this result is never differentiated): a loop of
     # `_MAX_SQUARINGS` conditional trips costs more than the products at these sizes.
     limit = jnp.minimum(squarings, _MAX_SQUARINGS)
-    _, x, r = lax.while_loop(
+    _, x, r = batching.loop(
         lambda state: state[0] < limit,
         step,
         (jnp.asarray(0, limit.dtype), x, jnp.asarray(u, real)),

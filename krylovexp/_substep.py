@@ -1,16 +1,14 @@
 """One adaptive substep of the sweep: a Krylov basis of the operator grows from the
 substep's start vector until the error estimate meets the tolerance, and the step
-is shortened on the same basis when the largest dimension does not suffice; and
-`_while`, the loop that is bounded (differentiable) under `DirectAdjoint`."""
+is shortened on the same basis when the largest dimension does not suffice."""
 
 from typing import Any, NamedTuple
 
-import equinox.internal as eqxi
 import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from . import _arnoldi as arnoldi
+from . import _arnoldi as arnoldi, _batching as batching
 from ._config import _Config
 from ._projected import approximation, checked_coefficients, combine, error_estimate
 
@@ -24,12 +22,6 @@ def one_buffer(max_dim: int, w) -> bool:
     """Whether a basis of `max_dim + 1` rows like `w` grows in one buffer (small
     problems) rather than in chunks. Static."""
     return (max_dim + 1) * w.size * w.dtype.itemsize <= _ONE_BUFFER_BYTES
-
-
-def _while(cond, body, init, max_steps, direct):
-    if direct:
-        return eqxi.while_loop(cond, body, init, max_steps=max_steps, kind="bounded")
-    return lax.while_loop(cond, body, init)
 
 
 class _Substep(NamedTuple):
@@ -168,12 +160,13 @@ def _substep(
             # Never check past the next capacity boundary (see the docstring).
             boundary = boundaries[jnp.searchsorted(boundaries, g.dim + 1)]
             target = jnp.minimum(jnp.minimum(g.next_check, boundary), limit)
-            decomp, dim, breakdown, _ = _while(
+            decomp, dim, breakdown, _ = batching.loop(
                 step_cond,
                 step_body,
                 (decomp, g.dim, jnp.asarray(False), target),
                 limit,
                 config.direct,
+                arnoldi.keep_decomposition,
             )
             coeffs, err, norm = coefficients(decomp, dim, tau_abs, low)
             met = (err <= tau_abs * tol) & ((dim >= config.min_dim) | breakdown)
@@ -193,7 +186,14 @@ def _substep(
             )
             return decomp, g
 
-        return _while(cond, body, (decomp, growth), limit, config.direct)
+        return batching.loop(
+            cond,
+            body,
+            (decomp, growth),
+            limit,
+            config.direct,
+            arnoldi.keep_decomposition,
+        )
 
     def shrink_and_finish(decomp, g: _Growth, low, last):
         dim = g.dim
@@ -212,7 +212,7 @@ def _substep(
 
         shrink_init = (tau_abs, g.coeffs, g.err, g.met, jnp.asarray(0), g.norm)
         if last:
-            tau_shrunk, coeffs, err, accepted, rejections, norm = _while(
+            tau_shrunk, coeffs, err, accepted, rejections, norm = batching.loop(
                 shrink_cond, shrink_body, shrink_init, _MAX_REJECTIONS, config.direct
             )
         else:
@@ -253,7 +253,7 @@ def _substep(
         decomp, g = grow(decomp, g, capacities[i] - 1, low)
         if i == len(capacities) - 1:
             return shrink_and_finish(decomp, g, low, True)
-        return lax.cond(
+        return batching.cond(
             done(g, capacities[i] - 1),
             lambda decomp, g: shrink_and_finish(decomp, g, low, False),
             lambda decomp, g: level(

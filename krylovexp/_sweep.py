@@ -5,17 +5,16 @@ sweep keeps for the backward pass (checkpoints of the substep starts)."""
 
 from typing import Any, NamedTuple
 
-import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array
 
-from . import _arnoldi as arnoldi
+from . import _arnoldi as arnoldi, _batching as batching
 from ._config import _Config
 from ._projected import combine, error_estimate, exp_coefficients
 from ._solution import RESULTS
-from ._substep import _substep, _while, one_buffer
+from ._substep import _substep, one_buffer
 
 
 # Substep starts kept for the backward pass; see `_store_checkpoint`.
@@ -82,7 +81,7 @@ def _store_checkpoint(rec: _Record, index, start) -> _Record:
         kept = checkpoints[::2]
         return jnp.concatenate([kept, jnp.zeros_like(checkpoints[kept.shape[0] :])])
 
-    checkpoints = lax.cond(full, thin, lambda x: x, rec.checkpoints)
+    checkpoints = batching.cond(full, thin, lambda x: x, rec.checkpoints)
     stride = jnp.where(full, 2 * rec.stride, rec.stride)
     slot = jnp.minimum(index // stride, slots - 1)
     keep = index % stride == 0
@@ -120,10 +119,11 @@ def _loop(
     min_capacity=None,
 ):
     """The adaptive sweep over the output times (see `_sweep`). Under `vmap` it runs
-    sequentially over the batch (`jax.custom_batching.sequential_vmap`): batching the
-    adaptive loops themselves would turn every capacity level and every conditional
-    error check into a select that runs all branches, about 100× slower. Not with
-    `DirectAdjoint`, whose loops JAX must differentiate."""
+    as `config.batching` says (see `_batching`): one element after another, or the
+    batch in one loop. JAX's own batching of the adaptive loops would turn every
+    capacity level and every conditional error check into a select that runs all
+    branches, about 100× slower. Not with `DirectAdjoint`, whose loops JAX must
+    differentiate."""
 
     def run(params, vector, times, acc, min_capacity):
         return _sweep(
@@ -131,7 +131,7 @@ def _loop(
         )
 
     if not config.direct:
-        run = jax.custom_batching.sequential_vmap(run)
+        run = batching.under_vmap(run, config.batching)
     return run(params, vector, times, acc, min_capacity)
 
 
@@ -180,7 +180,7 @@ def _sweep(
         rec = None
 
     init = _Carry(
-        segment=jnp.where(valid, 0, num_times),
+        segment=jnp.where(valid, 0, num_times).astype(jnp.int32),
         time=jnp.zeros((), real),
         w=vector,
         tau_try=jnp.abs(times[0]) if num_times else jnp.zeros((), real),
@@ -229,7 +229,7 @@ def _sweep(
                 ok = ok & (lax.stop_gradient(estimate) <= tol)
                 return segment + 1, outputs.at[segment].set(out), ok
 
-            segment, outputs, ok = _while(
+            segment, outputs, ok = batching.loop(
                 covered,
                 evaluate,
                 (c.segment, c.outputs, jnp.asarray(True)),
@@ -293,7 +293,7 @@ def _sweep(
             num_substeps=c.num_substeps + 1,
             num_matvecs=c.num_matvecs + sub.dim,
             num_rejected=c.num_rejected + sub.rejections,
-            dims=c.dims.at[c.num_substeps].set(sub.dim),
+            dims=c.dims.at[c.num_substeps].set(sub.dim.astype(c.dims.dtype)),
             error=c.error + sub.estimate,
             amplified=amplified,
             worst=jnp.maximum(c.worst, amplified),
@@ -302,7 +302,7 @@ def _sweep(
             visited=visited,
         )
 
-    final = _while(cond, body, init, config.max_substeps, config.direct)
+    final = batching.loop(cond, body, init, config.max_substeps, config.direct)
     growth = _growth_factor(final, vector, config)
     # In order of precedence: the first that applies is reported.
     outcomes = (
