@@ -17,6 +17,9 @@ compilation):
    initial conditions, mild regime) for krylovexp adaptive, krylovexp at fixed depth
    10 and Diffrax Dopri5 + BacksolveAdjoint, a few epochs after compilation: seconds
    per epoch beside the paper's Table 4 (V100).
+5. `benchmarks/bench_batching.py` at 128², B = 1, 64, 256: `vmap` throughput of
+   `KrylovExpm(batching="sequential")` against `batching="batched"`, forward and
+   gradient.
 
 Everything goes into one Markdown file, `<out>/gpu_results.md` (rewritten after every
 stage), with each stage's command, status and wall time; the logs are in
@@ -181,6 +184,31 @@ def stages(args, out: pathlib.Path) -> list[Stage]:
                 "counted (one compilation less per method).",
             )
             result.append(wave_stage)
+    grids, batches = ("16", "1,8") if quick else ("128", "1,64,256")
+    folder = out / "batching"
+    result.append(
+        Stage(
+            name="batching",
+            title=f"bench_batching: vmap over B heat problems at {grids}², "
+            "sequential against batched",
+            argv=[
+                py,
+                str(ROOT / "benchmarks" / "bench_batching.py"),
+                "--grids",
+                grids,
+                "--batches",
+                batches,
+                "--repeats",
+                "3",
+                "--out",
+                str(folder),
+            ],
+            limit=150 if quick else 60,
+            out=str(folder),
+            note="the batched mode's target on a GPU: at least 10× the sequential "
+            "throughput at B = 64.",
+        )
+    )
     return result
 
 

@@ -266,18 +266,34 @@ def progress(label, epoch, epochs, loss, interactive):
 
 def batch_solver(name, solve):
     """Map a one-initial-condition solve over a batch (`jax.vmap`; krylovexp runs its
-    adaptive loops sequentially over the batch by itself)."""
+    adaptive loops one element after another on CPU and the batch in one loop on
+    accelerators, `KrylovExpm(batching="auto")`)."""
     del name
     return jax.vmap(solve, in_axes=(None, 0))
 
 
-def train(name, problem, cfg) -> dict[str, Any]:
-    h, size, coords = problem["h"], problem["size"], problem["coords"]
-    solve = batch_solver(name, make_solver(name, h, cfg.horizon, cfg.rtol, wave_matvec))
+def in_dtype(tree, dtype):
+    """The floating-point arrays of `tree` in `dtype`."""
+
+    def cast(x):
+        if eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.floating):
+            return x.astype(dtype)
+        return x
+
+    return jax.tree.map(cast, tree)
+
+
+def training_setup(name, problem, cfg):
+    """The model's parameters, its static part, `ω(params)`, the training loss, the
+    batched solve and the training data, all in `--dtype` (the data are made in
+    float64 and rounded). In float32 krylovexp runs at its default tolerance."""
+    dtype = jnp.dtype(cfg.dtype)
+    rtol = cfg.rtol if dtype == jnp.float64 else None
+    h, size = problem["h"], problem["size"]
+    coords = in_dtype(problem["coords"], dtype)
+    solve = batch_solver(name, make_solver(name, h, cfg.horizon, rtol, wave_matvec))
     model = Speed(jax.random.key(cfg.seed + 1), cfg.width, cfg.depth, problem["omega0"])
-    params, static = eqx.partition(model, eqx.is_array)
-    optimiser = optax.adam(cfg.lr)
-    opt_state = optimiser.init(params)
+    params, static = eqx.partition(in_dtype(model, dtype), eqx.is_array)
 
     def omega_of(params):
         return eqx.combine(params, static)(coords, size)
@@ -285,12 +301,22 @@ def train(name, problem, cfg) -> dict[str, Any]:
     def loss_fn(params, w0s, targets, solve=solve):
         return relative_mse(solve(omega_of(params) ** 2, w0s), targets)
 
+    data = in_dtype((problem["x_train"], problem["y_train"]), dtype)
+    return params, static, omega_of, loss_fn, solve, rtol, data
+
+
+def train(name, problem, cfg) -> dict[str, Any]:
+    h = problem["h"]
+    params, _, omega_of, loss_fn, solve, rtol, data = training_setup(name, problem, cfg)
+    optimiser = optax.adam(cfg.lr)
+    opt_state = optimiser.init(params)
+
     def train_step(params, opt_state, w0s, targets):
         loss, grads = jax.value_and_grad(loss_fn)(params, w0s, targets)
         updates, opt_state = optimiser.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    x_train, y_train = problem["x_train"], problem["y_train"]
+    x_train, y_train = data
     batch = min(cfg.batch_size or len(x_train), len(x_train))
     steps = len(x_train) // batch
     tic = time.perf_counter()
@@ -328,7 +354,7 @@ def train(name, problem, cfg) -> dict[str, Any]:
     if cfg.count_matvecs:
         counter = Counter()
         counted = batch_solver(
-            name, make_solver(name, h, cfg.horizon, cfg.rtol, counter.matvec)
+            name, make_solver(name, h, cfg.horizon, rtol, counter.matvec)
         )
         jax.block_until_ready(
             jax.jit(jax.value_and_grad(lambda p, x, y: loss_fn(p, x, y, counted)))(
@@ -379,11 +405,13 @@ def train(name, problem, cfg) -> dict[str, Any]:
     rmse = float(np.sqrt(np.mean((omega_np - problem["omega_true"]) ** 2)) / omega0)
     forward = jax.jit(solve)
     x_test, y_test = problem["x_test"], problem["y_test"]
-    test_own = float(relative_mse(forward(omega**2, x_test), y_test))
-    test_exact = float(relative_mse(problem["reference"](omega**2, x_test), y_test))
+    x_own = x_test.astype(omega.dtype)
+    test_own = float(relative_mse(forward(omega**2, x_own), y_test))
+    omega64 = omega.astype(x_test.dtype)
+    test_exact = float(relative_mse(problem["reference"](omega64**2, x_test), y_test))
     # Forward error of the method itself at the true ω.
-    truth2 = jnp.asarray(problem["omega_true"]) ** 2
-    solver_error = float(relative_mse(forward(truth2, x_test), y_test))
+    truth2 = jnp.asarray(problem["omega_true"], omega.dtype) ** 2
+    solver_error = float(relative_mse(forward(truth2, x_own), y_test))
     ok = failed is None and all(math.isfinite(v) for v in (test_own, test_exact, rmse))
     if failed is None and not ok:
         failed = "non-finite test loss or parameters"
@@ -658,7 +686,16 @@ def parse_args(argv):
     )
     p.add_argument("--ic-length-scale", type=float, default=0.1)
     p.add_argument("--ic-modes", type=int, default=16)
-    p.add_argument("--rtol", type=float, default=1e-6, help="kx-adaptive tolerance")
+    p.add_argument(
+        "--rtol", type=float, default=1e-6, help="kx-adaptive tolerance (float64)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float64", "float32"),
+        default="float64",
+        help="precision of training (data and references stay float64); float32 "
+        "runs krylovexp at its default tolerance",
+    )
     p.add_argument("--ref-rtol", type=float, default=1e-10)
     p.add_argument(
         "--hard-methods",
@@ -688,8 +725,8 @@ def main(argv=None) -> dict:
     hard_methods = resolve_methods(cfg.hard_methods, METHODS) or methods
     os.makedirs(cfg.out, exist_ok=True)
     print(
-        f"wave_inverse: float64, {jax.device_count()} {jax.default_backend()} "
-        f"device(s); output in {cfg.out}/"
+        f"wave_inverse: {cfg.dtype} training, {jax.device_count()} "
+        f"{jax.default_backend()} device(s); output in {cfg.out}/"
     )
     norms = {"mild": cfg.norm, "hard": cfg.hard_norm}
     regimes = []

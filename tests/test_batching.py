@@ -110,6 +110,7 @@ def test_gradients_equal_dense():
         assert rel_err(value, reference) < 1e-8
 
 
+@pytest.mark.slow
 def test_phimv_batched():
     solver = kx.KrylovExpm(batching="batched", rtol=1e-10)
     operator = jnp.asarray(NONNORMAL)
