@@ -78,6 +78,15 @@ def under_vmap(fn: Callable, mode: str) -> Callable:
 
     @wrapped.def_vmap
     def rule(axis_size, in_batched, *args):
+        if axis_size == 1:
+            # A batch of one needs no masks.
+            args = jtu.tree_map(
+                lambda x, b: x[0] if b else x, list(args), list(in_batched)
+            )
+            out = fn(*args)
+            return jtu.tree_map(lambda x: x[None], out), jtu.tree_map(
+                lambda _: True, out
+            )
         in_axes = jtu.tree_map(lambda b: 0 if b else None, list(in_batched))
         with _batched_trace():
             out = jax.vmap(fn, in_axes=in_axes, axis_name=_AXIS, axis_size=axis_size)(
