@@ -92,7 +92,8 @@ def _backward(
             return batching.fori(0, s - first, advance, (starts, w))[0]
 
         refresh = (k == 0) | (s % rec.stride == rec.stride - 1)
-        starts = batching.cond(refresh, recompute, lambda starts: starts, starts)
+        # The expensive branch second: `batching.cond` traces that one once.
+        starts = batching.cond(~refresh, lambda starts: starts, recompute, starts)
         return starts[s - first], starts
 
     def body(k, carry):
@@ -195,9 +196,9 @@ def _backward(
                     )
 
                 lam, params_bar = batching.cond(
-                    run,
-                    advance,
+                    ~run,
                     lambda lam, params_bar: (lam, params_bar),
+                    advance,
                     lam,
                     params_bar,
                 )

@@ -176,3 +176,26 @@ def test_chunked_bases_gradient():
 def test_unknown_batching_mode():
     with pytest.raises(ValueError, match="`batching` must be one of"):
         kx.KrylovExpm(batching="parallel")
+
+
+@pytest.mark.slow
+def test_float32_batched_values_and_gradient():
+    """Single precision at the default tolerance: finite values and a gradient within
+    1e-3 of the float64 ones."""
+    vectors = VECTORS[:3]
+
+    def loss(matrix, vectors):
+        solver = kx.KrylovExpm(batching="batched")
+        values = jax.vmap(lambda v: solver(matrix, v, 0.7))(vectors)
+        return jnp.sum(values**2)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    value32, grads32 = grad(
+        jnp.asarray(NONNORMAL, jnp.float32), jnp.asarray(vectors, jnp.float32)
+    )
+    value64, grads64 = grad(jnp.asarray(NONNORMAL), jnp.asarray(vectors))
+    assert value32.dtype == jnp.float32 and np.isfinite(value32)
+    assert abs(float(value32) - float(value64)) < 1e-4 * abs(float(value64))
+    for got, want in zip(grads32, grads64, strict=True):
+        assert got.dtype == jnp.float32
+        assert rel_err(got, want) < 1e-3
