@@ -1,5 +1,6 @@
 """Throughput of `vmap` over many solves: `KrylovExpm(batching="sequential")` against
-`batching="batched"`, forward and gradient.
+`batching="batched"` (with `--groups`, also in groups of `batch_size` elements),
+forward and gradient.
 
 Problem: `B` 2-D heat problems (problem A of `bench_expm.py`: Dirichlet 5-point
 Laplacian `κ Δ_h`, matrix-free) sharing κ, each from its own Gaussian bump, at a time
@@ -15,6 +16,7 @@ AOT-compiled and warmed up, medians of `--repeats` calls ended by
 `block_until_ready`.
 
     python benchmarks/bench_batching.py --grids 64,128 --batches 1,16,64,256
+    python benchmarks/bench_batching.py --grids 64,128 --batches 64 --groups 2,4
 
 The table also goes to `<--out>/table.md`.
 """
@@ -40,9 +42,6 @@ from support.measure import compiled_memory_mb, rel_err, timed  # noqa: E402
 from support.problems import gaussian_bump, heat_problem  # noqa: E402
 
 
-MODES = ("sequential", "batched")
-
-
 def start_vectors(n: int, batch: int) -> np.ndarray:
     """`batch` Gaussian bumps with centres spread over the square and widths that
     differ, so the elements need different Krylov dimensions."""
@@ -54,14 +53,17 @@ def start_vectors(n: int, batch: int) -> np.ndarray:
     )
 
 
-def run(n: int, batch: int, norm: float, repeats: int) -> list[dict]:
+def run(n: int, batch: int, norm: float, repeats: int, groups) -> list[dict]:
     problem = heat_problem(n, T=1.0)
     T = norm / (8 * (n + 1) ** 2)
     vectors = jnp.asarray(start_vectors(n, batch))
     kappa = jnp.asarray(problem.theta)
     rows, values = [], {}
-    for mode in MODES:
-        solver = kx.KrylovExpm(batching=mode)
+    modes = [("sequential", None), ("batched", None)]
+    modes += [("batched", g) for g in groups if g < batch]
+    for mode, group in modes:
+        solver = kx.KrylovExpm(batching=mode, batch_size=group)
+        label = mode if group is None else f"batched, groups of {group}"
 
         def forward(kappa, vectors, solver=solver):
             operator = problem.operator(kappa)
@@ -74,12 +76,12 @@ def run(n: int, batch: int, norm: float, repeats: int) -> list[dict]:
         grad = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(kappa, vectors).compile()
         out, fwd_s = timed(fwd, kappa, vectors, repeats=repeats)
         _, grad_s = timed(grad, kappa, vectors, repeats=repeats)
-        values[mode] = out
+        values[label] = out
         rows.append(
             dict(
                 grid=n,
                 batch=batch,
-                mode=mode,
+                mode=label,
                 fwd_ms=1e3 * fwd_s,
                 fwd_rate=batch / fwd_s,
                 grad_ms=1e3 * grad_s,
@@ -87,10 +89,11 @@ def run(n: int, batch: int, norm: float, repeats: int) -> list[dict]:
                 grad_mb=compiled_memory_mb(grad),
             )
         )
-    seq, bat = rows
-    bat["fwd_ratio"] = bat["fwd_ms"] / seq["fwd_ms"]
-    bat["grad_ratio"] = bat["grad_ms"] / seq["grad_ms"]
-    bat["diff"] = rel_err(values["batched"], values["sequential"])
+    seq = rows[0]
+    for row in rows[1:]:
+        row["fwd_ratio"] = row["fwd_ms"] / seq["fwd_ms"]
+        row["grad_ratio"] = row["grad_ms"] / seq["grad_ms"]
+        row["diff"] = rel_err(values[row["mode"]], values["sequential"])
     return rows
 
 
@@ -100,6 +103,12 @@ def main() -> None:
     parser.add_argument("--batches", type=comma_list(int), default=[1, 16, 64, 256])
     parser.add_argument("--norm", type=float, default=50.0, help="‖TA‖₂")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--groups",
+        type=comma_list(int),
+        default=[],
+        help="also the batched mode in groups of these sizes (`batch_size`)",
+    )
     parser.add_argument("--out", default="out/bench_batching", help="table folder")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
@@ -120,7 +129,7 @@ def main() -> None:
     emit("|---|---|---|---|---|---|---|---|---|---|")
     for n in args.grids:
         for batch in args.batches:
-            for row in run(n, batch, args.norm, args.repeats):
+            for row in run(n, batch, args.norm, args.repeats, args.groups):
                 ratio = (
                     f"{row['fwd_ratio']:.2f}, {row['grad_ratio']:.2f}"
                     if "fwd_ratio" in row

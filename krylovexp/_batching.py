@@ -65,10 +65,12 @@ def _batched_trace():
         _masks[:] = saved
 
 
-def under_vmap(fn: Callable, mode: str) -> Callable:
+def under_vmap(fn: Callable, mode: str, batch_size: int | None = None) -> Callable:
     """`fn` with its batching rule: `vmap` runs it once per element (`"sequential"`)
-    or once for the batch with the named axis (`"batched"`). Inside the batched
-    trace, `fn` is already per element, so it is called as it is."""
+    or once for the batch with the named axis (`"batched"`), in groups of at most
+    `batch_size` elements one after another if given (as `lax.map(...,
+    batch_size=...)`). Inside the batched trace, `fn` is already per element, so it
+    is called as it is."""
     if mode == "sequential":
         return jax.custom_batching.sequential_vmap(fn)
     if mode != "batched":
@@ -87,6 +89,21 @@ def under_vmap(fn: Callable, mode: str) -> Callable:
             return jtu.tree_map(lambda x: x[None], out), jtu.tree_map(
                 lambda _: True, out
             )
+        if batch_size is not None and axis_size > batch_size:
+            # Groups of `batch_size`: `lax.map` maps `wrapped` over each group with
+            # `vmap`, which comes back to this rule with a smaller axis.
+            mask, args = list(in_batched), list(args)
+            mapped = jtu.tree_map(lambda b, x: x if b else None, mask, args)
+            shared = jtu.tree_map(lambda b, x: None if b else x, mask, args)
+
+            def group(mapped):
+                merged = jtu.tree_map(
+                    lambda b, m, c: m if b else c, mask, mapped, shared
+                )
+                return wrapped(*merged)
+
+            out = lax.map(group, mapped, batch_size=batch_size)
+            return out, jtu.tree_map(lambda _: True, out)
         in_axes = jtu.tree_map(lambda b: 0 if b else None, list(in_batched))
         with _batched_trace():
             out = jax.vmap(fn, in_axes=in_axes, axis_name=_AXIS, axis_size=axis_size)(

@@ -25,3 +25,4 @@ class _Config(NamedTuple):
     basis_rows: int = 32
     # How the loops run under `vmap`: "sequential" or "batched" (see `_batching`).
     batching: str = "sequential"
+    batch_size: int | None = None

@@ -178,7 +178,7 @@ def _tangent_transpose(inputs, cotangents):
             want_times,
         )
 
-    backward = under_vmap(backward, config.batching)
+    backward = under_vmap(backward, config.batching, config.batch_size)
     grads = backward(params, vector, times, residuals, outputs_bar)
     if config.throw:
         # A NaN the operator's VJP produces on the backward pass only (the forward

@@ -131,7 +131,7 @@ def _loop(
         )
 
     if not config.direct:
-        run = batching.under_vmap(run, config.batching)
+        run = batching.under_vmap(run, config.batching, config.batch_size)
     return run(params, vector, times, acc, min_capacity)
 
 

@@ -173,9 +173,32 @@ def test_chunked_bases_gradient():
         assert rel_err(got, want) < 1e-10
 
 
-def test_unknown_batching_mode():
+def test_groups_of_batch_size():
+    """`batch_size=2` over five elements (two groups and a remainder of one): the same
+    values and statistics as the whole batch at once."""
+    operator = lx.MatrixLinearOperator(jnp.asarray(SYMMETRIC), lx.symmetric_tag)
+    vectors = jnp.asarray(np.concatenate([VECTORS, VECTORS[:1]]))
+    times = jnp.asarray(np.concatenate([TIMES, [2.5]]))
+
+    def solve(batch_size):
+        solver = kx.KrylovExpm(batching="batched", batch_size=batch_size)
+        return jax.jit(jax.vmap(lambda v, t: solver.expmv(operator, v, t)))(
+            vectors, times
+        )
+
+    grouped, whole = solve(2), solve(None)
+    assert rel_err(grouped.value, whole.value) < 1e-12
+    np.testing.assert_array_equal(
+        grouped.stats["num_matvecs"], whole.stats["num_matvecs"]
+    )
+    assert rel_err(grouped.value[4], expm_ref(SYMMETRIC, VECTORS[0], 2.5)) < 1e-8
+
+
+def test_bad_batching_options():
     with pytest.raises(ValueError, match="`batching` must be one of"):
         kx.KrylovExpm(batching="parallel")
+    with pytest.raises(ValueError, match="`batch_size` must be at least 1"):
+        kx.KrylovExpm(batch_size=0)
 
 
 @pytest.mark.slow
