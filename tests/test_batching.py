@@ -173,6 +173,7 @@ def test_chunked_bases_gradient():
         assert rel_err(got, want) < 1e-10
 
 
+@pytest.mark.slow
 def test_groups_of_batch_size():
     """`batch_size=2` over five elements (two groups and a remainder of one): the same
     values and statistics as the whole batch at once."""
