@@ -206,9 +206,9 @@ def fori(lower, upper, body_fun: Callable, init: Any, merge: Callable | None = N
 def cond(pred, true_fun: Callable, false_fun: Callable, *operands):
     """`lax.cond`. In the batched mode: `true_fun` alone when every live element takes
     it; otherwise `false_fun`, and `true_fun` too only if some element takes it, with a
-    select. `false_fun` is traced once and `true_fun` up to three times (once
-    abstractly), so a recursion (the capacity levels of a substep) belongs in
-    `false_fun`, or the compiled code doubles with every level."""
+    select. `false_fun` is traced once and `true_fun` twice, so a recursion (the
+    capacity levels of a substep) belongs in `false_fun`, or the compiled code doubles
+    with every level."""
     if not in_batched_mode():
         return lax.cond(pred, true_fun, false_fun, *operands)
     mask = active()
@@ -216,12 +216,16 @@ def cond(pred, true_fun: Callable, false_fun: Callable, *operands):
     taking = _count(pred & live)
     alive = _count(live)
 
-    def nothing(*operands):
-        shapes = jax.eval_shape(true_fun, *operands)
-        return jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
     def otherwise(*operands):
-        taken = lax.cond(taking > 0, true_fun, nothing, *operands)
-        return select(pred, taken, false_fun(*operands))
+        rejected = false_fun(*operands)
+        # Both branches have the same types (as `lax.cond` requires), so zeros like
+        # `rejected` (weak types included) stand for `true_fun` when none takes it.
+        taken = lax.cond(
+            taking > 0,
+            true_fun,
+            lambda *_: jtu.tree_map(jnp.zeros_like, rejected),
+            *operands,
+        )
+        return select(pred, taken, rejected)
 
     return lax.cond(taking == alive, true_fun, otherwise, *operands)

@@ -180,7 +180,7 @@ def _sweep(
         rec = None
 
     init = _Carry(
-        segment=jnp.where(valid, 0, num_times).astype(jnp.int32),
+        segment=jnp.where(valid, 0, num_times),
         time=jnp.zeros((), real),
         w=vector,
         tau_try=jnp.abs(times[0]) if num_times else jnp.zeros((), real),
@@ -293,7 +293,7 @@ def _sweep(
             num_substeps=c.num_substeps + 1,
             num_matvecs=c.num_matvecs + sub.dim,
             num_rejected=c.num_rejected + sub.rejections,
-            dims=c.dims.at[c.num_substeps].set(sub.dim.astype(c.dims.dtype)),
+            dims=c.dims.at[c.num_substeps].set(sub.dim),
             error=c.error + sub.estimate,
             amplified=amplified,
             worst=jnp.maximum(c.worst, amplified),
