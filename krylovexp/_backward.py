@@ -80,6 +80,7 @@ def _backward(
                             rec.taus[index],
                             config.orth,
                             config.corrected,
+                            differentiable=False,
                         )
 
                     return run
@@ -353,7 +354,7 @@ def _solution_adjoint(
         size = arnoldi.capacity(adjoint, inner.orth)
         low = 1 if len(adjoint.basis) == 1 else size
         near = position - time - adjoint_tau
-        y_near = exp_coefficients(hessenberg, dim, near, low=low)
+        y_near = exp_coefficients(hessenberg, dim, near, low, differentiable=False)
         y_near = decomp.beta * y_near
         # Padded to the forward basis' rows, where the adjoint's basis is smaller.
         extended = extended_hessenberg(adjoint.hessenberg, adjoint_dim, size=m1)

@@ -32,12 +32,15 @@ _THETA = 1.0
 _MAX_SQUARINGS = 40
 
 
-def _scaled_taylor_exp(parts, mul, identity, norm, rounding=False):
+def _scaled_taylor_exp(parts, mul, identity, norm, rounding=False, differentiable=True):
     """Scaling and squaring of the degree-18 Taylor polynomial for a matrix given as
     a tuple of blocks with its own product `mul` (so that structure is kept).
 
     With `rounding=True` (single block only) returns the result and the bound of
-    `_squarings_with_rounding`."""
+    `_squarings_with_rounding`. The squarings run in a loop of exactly as many trips
+    as needed, except with `differentiable=True`, where reverse mode needs a loop of
+    fixed length (`_MAX_SQUARINGS` conditional trips, which cost more than the
+    products at these sizes)."""
     dtype = parts[0].dtype
     c = [jnp.asarray(x, dtype) for x in _TAYLOR]
     squarings = jnp.maximum(0, jnp.ceil(jnp.log2(norm / _THETA)))
@@ -62,10 +65,19 @@ def _scaled_taylor_exp(parts, mul, identity, norm, rounding=False):
         valid = squarings <= _MAX_SQUARINGS
         return jnp.where(valid, result, jnp.nan), jnp.where(valid, excess, jnp.inf)
 
-    def square(i, r):
-        return batching.cond(i < squarings, lambda r: mul(r, r), lambda r: r, r)
+    if differentiable:
 
-    result = lax.fori_loop(0, _MAX_SQUARINGS, square, result)
+        def square(i, r):
+            return batching.cond(i < squarings, lambda r: mul(r, r), lambda r: r, r)
+
+        result = lax.fori_loop(0, _MAX_SQUARINGS, square, result)
+    else:
+        limit = jnp.minimum(squarings, _MAX_SQUARINGS)
+        _, result = batching.loop(
+            lambda state: state[0] < limit,
+            lambda state: (state[0] + 1, mul(state[1], state[1])),
+            (jnp.zeros_like(limit), result),
+        )
     return tuple(jnp.where(squarings <= _MAX_SQUARINGS, x, jnp.nan) for x in result)
 
 
@@ -115,15 +127,17 @@ def _squarings_with_rounding(x, squarings):
     return x, jnp.where(jnp.all(jnp.isfinite(x)), excess, 0)
 
 
-def expm_small(matrix: jax.Array) -> jax.Array:
+def expm_small(matrix: jax.Array, differentiable: bool = True) -> jax.Array:
     """Dense exponential of a small matrix by scaling and squaring a degree-18 Taylor
     polynomial (Paterson–Stockmeyer: 7 matrix products, no linear solve, so no LAPACK
     call and no BLAS thread pool; cf. Al-Mohy & Higham 2009, Sastre et al. 2019).
-    A fixed-length squaring scan keeps it cheap to compile and reverse-differentiable.
-    Returns NaN if the norm is beyond 2^40."""
+    With `differentiable` the squarings are a fixed-length scan, which reverse mode
+    can differentiate. Returns NaN if the norm is beyond 2^40."""
     eye = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
     norm = jnp.max(jnp.sum(jnp.abs(matrix), axis=0))
-    (result,) = _scaled_taylor_exp((matrix,), lambda a, b: (a[0] @ b[0],), (eye,), norm)
+    (result,) = _scaled_taylor_exp(
+        (matrix,), lambda a, b: (a[0] @ b[0],), (eye,), norm, False, differentiable
+    )
     return result
 
 
@@ -152,7 +166,9 @@ def expm_corner(left: jax.Array, coupling: jax.Array, right: jax.Array) -> jax.A
         jnp.max(jnp.sum(jnp.abs(coupling), axis=0) + jnp.sum(jnp.abs(right), axis=0)),
     )
     identity = (eye, jnp.zeros_like(coupling), eye)
-    return _scaled_taylor_exp((left, coupling, right), mul, identity, columns)[1]
+    parts = (left, coupling, right)
+    # Only the backward pass evaluates it, and nothing differentiates that.
+    return _scaled_taylor_exp(parts, mul, identity, columns, differentiable=False)[1]
 
 
 def extended_hessenberg(
@@ -169,13 +185,18 @@ def extended_hessenberg(
 
 
 def exp_coefficients(
-    hessenberg: jax.Array, dim: jax.Array, tau: jax.Array, low: int = 1
+    hessenberg: jax.Array,
+    dim: jax.Array,
+    tau: jax.Array,
+    low: int = 1,
+    differentiable: bool = True,
 ) -> jax.Array:
     """First column of `exp(tau H_ext)` for Krylov dimension `dim`, padded to `m + 1`.
 
     Entries past `dim` are zero; entry `dim` is the error-estimate term. The
     exponential is taken at the smallest bucket holding `dim + 1` rows (O(b³) work);
-    `low` is a static lower bound on `dim + 1`.
+    `low` is a static lower bound on `dim + 1`. `differentiable=False` where nothing
+    differentiates it in reverse mode (see `expm_small`).
     """
     m1, _ = hessenberg.shape
     extended = extended_hessenberg(hessenberg, dim)
@@ -183,7 +204,7 @@ def exp_coefficients(
 
     def branch(b):
         def first_column(matrix):
-            column = expm_small(matrix[:b, :b])[:, 0]
+            column = expm_small(matrix[:b, :b], differentiable)[:, 0]
             return jnp.zeros(m1, matrix.dtype).at[:b].set(column)
 
         return first_column
@@ -194,8 +215,8 @@ def exp_coefficients(
 # Subdiagonal entries below this fraction of the largest entry of the projected
 # matrix are treated as possibly hiding a larger coupling (see `checked_coefficients`).
 _COUPLING_FLOOR = 1e-2
-# Power iterations for the norm of the projected propagator.
-_POWER_STEPS = 8
+# Power iterations for the norm of the projected propagator: 2^3, by squarings.
+_POWER_SQUARINGS = 3
 
 
 def _weak_coupling_lift(extended: jax.Array, dim: jax.Array) -> jax.Array:
@@ -206,7 +227,10 @@ def _weak_coupling_lift(extended: jax.Array, dim: jax.Array) -> jax.Array:
     real = jnp.finfo(extended.dtype).dtype
     index = jnp.arange(m1 - 1)
     # The scale seen up to step i: the largest entry of the first i + 1 columns.
-    seen = lax.cummax(jnp.max(jnp.abs(extended), axis=0))[: m1 - 1]
+    # (A masked maximum rather than `lax.cummax`: one fused reduction on XLA:CPU.)
+    columns = jnp.max(jnp.abs(extended), axis=0)
+    before = jnp.arange(m1)[None, :] <= jnp.arange(m1)[:, None]
+    seen = jnp.max(jnp.where(before, columns[None, :], 0), axis=1)[: m1 - 1]
     floor = _COUPLING_FLOOR * seen
     subdiagonal = jnp.abs(extended[index + 1, index])
     weak = (index < dim) & (subdiagonal < floor) & (subdiagonal > 0)
@@ -217,19 +241,25 @@ def _weak_coupling_lift(extended: jax.Array, dim: jax.Array) -> jax.Array:
 
 
 def _spectral_norm(exp: jax.Array, dim: jax.Array) -> jax.Array:
-    """`||exp(tau H_k)||_2` from `exp(tau H_ext)` (its top left k x k block) by power
-    iteration on `X^H X`: a lower bound, accurate to a few per cent on these small
-    matrices."""
+    """`||exp(tau H_k)||_2` from `exp(tau H_ext)` (its top left k x k block) by
+    `2^_POWER_SQUARINGS` power iterations on `G = X^H X` from the vector of ones: a
+    lower bound, accurate to a few per cent on these small matrices.
+
+    The iterations are taken at once, `G^8 y` by three squarings of `G` (a handful of
+    kernels, where a loop of matrix-vector products is dozens), with `G` scaled by its
+    trace first: its eigenvalues are then in `[0, 1]` and the largest at least
+    `1 / k`, so the powers neither overflow nor underflow."""
     active = jnp.arange(exp.shape[0]) < dim
     exp = jnp.where(active[:, None] & active[None, :], exp, 0)
-    y = jnp.where(active, 1.0, 0.0).astype(exp.dtype)
-
-    def power(_, y):
-        z = jnp.conj(exp.T) @ (exp @ y)
-        size = jnp.linalg.norm(z)
-        return jnp.where(size > 0, z / jnp.where(size > 0, size, 1), y)
-
-    y = lax.fori_loop(0, _POWER_STEPS, power, y / jnp.linalg.norm(y))
+    gram = jnp.conj(exp.T) @ exp
+    trace = jnp.real(jnp.trace(gram))
+    gram = gram / jnp.where(trace > 0, trace, 1).astype(gram.dtype)
+    power = gram
+    for _ in range(_POWER_SQUARINGS):
+        power = power @ power
+    y = power @ jnp.where(active, 1.0, 0.0).astype(exp.dtype)
+    size = jnp.linalg.norm(y)
+    y = y / jnp.where(size > 0, size, 1).astype(y.dtype)
     return jnp.linalg.norm(exp @ y)
 
 
@@ -318,9 +348,10 @@ def approximation(
     orth: Orthogonalisation,
     corrected: bool = True,
     low: int = 1,
+    differentiable: bool = True,
 ) -> jax.Array:
     """The Krylov approximation of `exp(tau A) v` for dimension `dim`."""
-    coeffs = exp_coefficients(decomp.hessenberg, dim, tau, low)
+    coeffs = exp_coefficients(decomp.hessenberg, dim, tau, low, differentiable)
     return combine(decomp, coeffs, dim, orth, corrected, low)
 
 

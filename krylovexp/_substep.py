@@ -18,6 +18,19 @@ _MAX_REJECTIONS = 40
 _ONE_BUFFER_BYTES = 2**20
 
 
+# An error check costs a small exponential, about 0.1 ms on a CPU core whatever the
+# operator; a Krylov step on a vector of up to this many bytes costs a fraction of
+# that, so such bases grow by at least `_CHEAP_STRIDE` vectors between checks.
+_CHEAP_VECTOR_BYTES = 2**16
+_CHEAP_STRIDE = 4
+
+
+def check_stride(w) -> int:
+    """The least number of Krylov steps between two error checks. Static."""
+    small = w.size * w.dtype.itemsize <= _CHEAP_VECTOR_BYTES
+    return _CHEAP_STRIDE if small else 1
+
+
 def one_buffer(max_dim: int, w) -> bool:
     """Whether a basis of `max_dim + 1` rows like `w` grows in one buffer (small
     problems) rather than in chunks. Static."""
@@ -54,22 +67,23 @@ class _Growth(NamedTuple):
     last_log_ratio: Array
 
 
-def _next_check(dim, log_ratio, last_dim, last_log_ratio, max_dim):
+def _next_check(dim, log_ratio, last_dim, last_log_ratio, max_dim, stride=1):
     """Where to evaluate the error estimate next while the basis grows.
 
     The log error ratio is extrapolated linearly from the last two checks; convergence
     is superlinear, so this overestimates the dimension needed and we go 80% of the
     way. Without a usable trend (no earlier check, or no decrease yet), the dimension
-    grows geometrically by 1.25. Either way at most by 1.5×: few small exponentials,
-    and never many more basis vectors than needed.
+    grows geometrically by 1.25. Either way at most by 1.5× (or `stride`, the least
+    step between checks, `check_stride`): few small exponentials, and never many more
+    basis vectors than needed.
     """
-    geometric = jnp.maximum(dim + 1, jnp.round(1.25 * dim).astype(dim.dtype))
+    geometric = jnp.maximum(dim + stride, jnp.round(1.25 * dim).astype(dim.dtype))
     rate = (last_log_ratio - log_ratio) / jnp.maximum(dim - last_dim, 1)
     usable = (last_dim > 0) & (rate > 0) & jnp.isfinite(rate) & jnp.isfinite(log_ratio)
     ahead = jnp.ceil(0.8 * log_ratio / jnp.where(usable, rate, 1.0))
     ahead = jnp.where(usable & jnp.isfinite(ahead), ahead, 0).astype(dim.dtype)
     longest = jnp.maximum(geometric, jnp.ceil(1.5 * dim).astype(dim.dtype))
-    predicted = jnp.clip(dim + ahead, dim + 1, longest)
+    predicted = jnp.clip(dim + ahead, dim + stride, longest)
     return jnp.minimum(jnp.where(usable, predicted, geometric), max_dim)
 
 
@@ -103,6 +117,7 @@ def _substep(
     only once the estimate is met (or the space is invariant, estimate 0).
     """
     m = config.max_dim
+    stride = check_stride(w)
     capacities = arnoldi.row_buckets(m + 1)
     boundaries = jnp.asarray([c - 1 for c in capacities])
     if buffer is None and one_buffer(m, w):
@@ -171,7 +186,9 @@ def _substep(
             coeffs, err, norm = coefficients(decomp, dim, tau_abs, low)
             met = (err <= tau_abs * tol) & ((dim >= config.min_dim) | breakdown)
             log_ratio = jnp.log(err) - jnp.log(tau_abs * tol)
-            next_check = _next_check(dim, log_ratio, g.last_dim, g.last_log_ratio, m)
+            next_check = _next_check(
+                dim, log_ratio, g.last_dim, g.last_log_ratio, m, stride
+            )
             next_check = jnp.maximum(next_check, config.min_dim)
             g = _Growth(
                 dim=dim,
@@ -272,7 +289,7 @@ def _substep(
         coeffs=jnp.zeros(m + 1, w.dtype),
         err=jnp.asarray(jnp.inf, cap.dtype),
         norm=jnp.asarray(1.0, cap.dtype),
-        next_check=jnp.asarray(config.min_dim),
+        next_check=jnp.asarray(min(max(config.min_dim, stride), m)),
         last_dim=jnp.asarray(0),
         last_log_ratio=jnp.asarray(jnp.inf, cap.dtype),
     )

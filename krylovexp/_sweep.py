@@ -222,7 +222,9 @@ def _sweep(
             def evaluate(state):
                 segment, outputs, ok = state
                 sigma = times[segment] - c.time
-                coeffs = exp_coefficients(decomp.hessenberg, dim, sigma, low)
+                coeffs = exp_coefficients(
+                    decomp.hessenberg, dim, sigma, low, differentiable=config.direct
+                )
                 estimate = error_estimate(decomp, coeffs, dim)
                 tol = tol_per_time(decomp.beta) * jnp.abs(sigma)
                 out = combine(decomp, coeffs, dim, config.orth, config.corrected, low)
