@@ -183,7 +183,7 @@ def _sweep(
         segment=jnp.where(valid, 0, num_times),
         time=jnp.zeros((), real),
         w=vector,
-        tau_try=jnp.abs(times[0]) if num_times else jnp.zeros((), real),
+        tau_try=span,
         outputs=jnp.full((num_times, n), jnp.nan, vector.dtype),
         num_substeps=jnp.asarray(0),
         num_matvecs=jnp.asarray(0),
@@ -196,7 +196,6 @@ def _sweep(
         record=rec,
         visited=acc,
     )
-    init = init._replace(tau_try=jnp.where(init.tau_try > 0, init.tau_try, span))
 
     def cond(c: _Carry):
         # A non-finite state (NaN from the operator, overflow) cannot recover: stop.
