@@ -26,6 +26,7 @@ solver). Timings: compiled once, then the median of `--repeats` runs, each ended
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -401,7 +402,18 @@ def main(argv=None):
     parser.add_argument("--grad-repeats", type=int, default=1)
     parser.add_argument("--rtols", type=comma_list(float), default=list(RTOLS))
     parser.add_argument("--steps", type=comma_list(int), default=[4, 8])
+    parser.add_argument(
+        "--krylov-rtol",
+        type=float,
+        default=KRYLOV.rtol,
+        help="relative tolerance of every Krylov sweep of the krylovexp solvers",
+    )
     args = parser.parse_args(argv)
+    if args.krylov_rtol != KRYLOV.rtol:
+        krylov = dataclasses.replace(KRYLOV, rtol=args.krylov_rtol)
+        for name, (solver, *rest) in list(SOLVERS.items()):
+            if name.startswith("kx."):
+                SOLVERS[name] = (type(solver)(krylov=krylov), *rest)
     methods = resolve_methods(args.methods, list(SOLVERS))
     os.makedirs(args.out, exist_ok=True)
     print(
