@@ -87,6 +87,22 @@ def _next_check(dim, log_ratio, last_dim, last_log_ratio, max_dim, stride=1):
     return jnp.minimum(jnp.where(usable, predicted, geometric), max_dim)
 
 
+def _local_order(tau, err, last_tau, last_err, dim):
+    """The exponent `q` of `err ∝ tau^q` with which a substep shortens its step.
+
+    For small steps the error of a Krylov space of dimension `k` behaves like
+    `tau^(k+1)`, but a step far too long for the space is in the regime where the
+    error falls much more slowly (like `exp(-k² / (c tau ||A||))`): there `1 / k`
+    shrinks the step by a few per cent per trial, and every trial is a small
+    exponential of the largest size. After the first trial the exponent is measured
+    from the last two (step, estimate) pairs instead, clipped to `[1, k]`; it grows
+    as the step shrinks, so the measured one errs towards a shorter step."""
+    slope = jnp.log(last_err / err) / jnp.log(last_tau / tau)
+    usable = jnp.isfinite(slope) & (slope > 0) & (last_tau > tau)
+    dim = jnp.maximum(dim, 1).astype(tau.dtype)
+    return jnp.where(usable, jnp.clip(slope, 1.0, dim), dim)
+
+
 def _substep(
     system,
     params,
@@ -219,21 +235,33 @@ def _substep(
             return ~state[3] & (state[4] < _MAX_REJECTIONS)
 
         def shrink_body(state):
-            tau_abs, _, err, _, count, _ = state
+            tau_abs, _, err, _, count, _, last_tau, last_err = state
             ratio = err / (tau_abs * tol)
-            factor = jnp.clip(0.9 * ratio ** (-1.0 / dim), 0.1, 0.9)
+            order = _local_order(tau_abs, err, last_tau, last_err, dim)
+            factor = jnp.clip(0.9 * ratio ** (-1.0 / order), 0.1, 0.9)
             factor = jnp.where(jnp.isfinite(factor), factor, 0.1)
-            tau_abs = tau_abs * factor
-            coeffs, err, norm = coefficients(decomp, dim, tau_abs, low)
-            return tau_abs, coeffs, err, err <= tau_abs * tol, count + 1, norm
+            shorter = tau_abs * factor
+            coeffs, shorter_err, norm = coefficients(decomp, dim, shorter, low)
+            met = shorter_err <= shorter * tol
+            return shorter, coeffs, shorter_err, met, count + 1, norm, tau_abs, err
 
-        shrink_init = (tau_abs, g.coeffs, g.err, g.met, jnp.asarray(0), g.norm)
+        inf = jnp.asarray(jnp.inf, cap.dtype)
+        shrink_init = (
+            tau_abs,
+            g.coeffs,
+            g.err,
+            g.met,
+            jnp.asarray(0),
+            g.norm,
+            inf,
+            inf,
+        )
         if last:
-            tau_shrunk, coeffs, err, accepted, rejections, norm = batching.loop(
+            tau_shrunk, coeffs, err, accepted, rejections, norm, _, _ = batching.loop(
                 shrink_cond, shrink_body, shrink_init, _MAX_REJECTIONS, config.direct
             )
         else:
-            tau_shrunk, coeffs, err, accepted, rejections, norm = shrink_init
+            tau_shrunk, coeffs, err, accepted, rejections, norm, _, _ = shrink_init
         ends = (rejections == 0) & (tau_shrunk >= cap)
         tau = jnp.where(ends, remaining, sign * tau_shrunk)
         if config.direct:
