@@ -571,9 +571,10 @@ def test_module_config_is_jittable():
 
 # One substep whose basis the forward pass keeps (default budget).
 _KEPT = dict(norm=500.0, options={})
-# Many substeps of dimension 25 to 30 rebuilt outside a 24-row budget, and a last one
-# within it that is kept (one chunk of 31 rows: cheap to compile).
-_REBUILT = dict(norm=3000.0, options=dict(max_krylov_dim=30), basis_rows=24)
+# Many substeps of dimension 26 to 30 rebuilt outside a 26-row budget, and a last one
+# within it that is kept (one chunk of 31 rows: cheap to compile). Dimensions today:
+# 30 30 27 26 23 26 20 (Lanczos), 30 30 30 27 25 30 23 30 27 27 26 24 (Arnoldi).
+_REBUILT = dict(norm=3000.0, options=dict(max_krylov_dim=30), basis_rows=26)
 
 
 @pytest.mark.parametrize(
