@@ -335,7 +335,7 @@ def summary(rows, target=1e-4):
             if e:
                 parts.append(
                     f"best explicit {e['solver']} {1e3 * e[key]:.0f} ms "
-                    f"(speed-up {e[key] / o[key]:.1f}×, target 5×)"
+                    f"(speed-up {e[key] / o[key]:.1f}×, target 3×)"
                 )
             if i:
                 parts.append(
