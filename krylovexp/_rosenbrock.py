@@ -217,8 +217,18 @@ class Exprb43(diffrax.AbstractAdaptiveSolver, AbstractExponentialSolver):
         hinv = _safe_inverse(h)
         h2inv = hinv * hinv
         h3inv = h2inv * hinv
-        # Output times h/3, h/2, 2h/3, h (index 1: U_2; index 3: the step).
-        times = h * jnp.asarray((_NODES[0], 0.5, _NODES[1], 1.0), dtype=h.dtype)
+        # Output times per sweep, each padded with h (outputs at the end time cost
+        # nothing): A at h/3, h/2, 2h/3, h (index 1: U_2; index 3: the step); B at h
+        # only; C and E at the dense-output nodes h/3, 2h/3 and at h.
+        fractions = jnp.asarray(
+            (
+                (_NODES[0], 0.5, _NODES[1], 1.0),
+                (1.0, 1.0, 1.0, 1.0),
+                (_NODES[0], _NODES[1], 1.0, 1.0),
+                (_NODES[0], _NODES[1], 1.0, 1.0),
+            ),
+            dtype=h.dtype,
+        )
         t_half = t0 + 0.5 * (t1 - t0)
 
         # Sweep 0 (A): h phi_1 F0 + h² phi_2 v at all times; U_2 = y0 + A(h/2).
@@ -259,14 +269,15 @@ class Exprb43(diffrax.AbstractAdaptiveSolver, AbstractExponentialSolver):
             lin.operator,
             4,
             vectors,
-            lambda i: times,
+            lambda i: h * fractions[i],
             update,
             (zero, zero, outs),
         )
         tracker.count(2)  # J (U_i - y0) in the two remainders
-        # y(θh) - y0 = A + C + E at θ = 1/3, 2/3, 1 (time indices 0, 2, 3).
+        # y(θh) - y0 = A + C + E at θ = 1/3, 2/3, 1 (A's time indices 0, 2, 3; C's
+        # and E's 0, 1, 2).
         increments = jtu.tree_map(
-            lambda o: (o[0] + o[2] + o[3])[np.array([0, 2, 3])], outs
+            lambda o: o[0][np.array([0, 2, 3])] + o[2, :3] + o[3, :3], outs
         )
         y_error = jtu.tree_map(lambda o: o[3, -1], outs)
         values = jtu.tree_map(lambda y, d: y[None] + d, y0, increments)

@@ -212,10 +212,11 @@ def _sweep(
         def finish(decomp, dim, tau, low, value):
             ends = tau == remaining
 
+            # Outputs at the final time take the end value (below), however many.
             def covered(state):
                 segment, _, _ = state
                 inside = jnp.abs(times[segment] - c.time) <= jnp.abs(tau)
-                end_point = ends & (segment == num_times - 1)
+                end_point = ends & (times[segment] == target)
                 return (segment < num_times) & inside & ~end_point
 
             def evaluate(state):
@@ -237,7 +238,8 @@ def _sweep(
                 num_times,
                 config.direct,
             )
-            outputs = jnp.where(ends, outputs.at[num_times - 1].set(value), outputs)
+            at_end = ends & (times == target)
+            outputs = jnp.where(at_end[:, None], value[None], outputs)
             segment = jnp.where(ends, num_times, segment)
             visited = None if visit is None else visit(c.time, decomp, dim, tau)
             kept = None
