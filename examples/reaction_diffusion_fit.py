@@ -9,12 +9,13 @@ an `ODETerm` of the vector field, `diffeqsolve` with a `PIDController` and
 default `RecursiveCheckpointAdjoint`, optax Adam on `(log D, log r)`. The only line
 that changes between the fits is the solver:
 
-    solver = diffrax.Tsit5()        # explicit Runge–Kutta
-    solver = kx.Exprb43()           # exponential Rosenbrock, order 4 (krylovexp)
+    solver = diffrax.Tsit5()                    # explicit Runge–Kutta
+    solver = kx.Exprb43(rtol=rtol, atol=atol)   # exponential Rosenbrock (krylovexp)
 
 (`Exprb43` takes the same plain `ODETerm`: it linearises the vector field with
 Jacobian-vector products and applies the φ-functions of the Jacobian by Krylov
-sweeps.) With `--methods tsit5,exprb43,etdrk4` a third fit uses `kx.ETDRK4()` on the
+sweeps. Given the controller's tolerances, it sets its Krylov tolerances to a tenth
+of them; without, the core's default relative 1e-8 applies.) With `--methods tsit5,exprb43,etdrk4` a third fit uses `kx.ETDRK4()` on the
 semilinear split `MultiTerm(kx.LinearTerm(D Δ), ODETerm(r (u − u³)))` with
 `--etdrk4-steps` fixed steps.
 
@@ -95,7 +96,7 @@ def make_solver(solver_name, rtol):
     if solver_name == "tsit5":
         return diffrax.Tsit5()
     if solver_name == "exprb43":
-        return kx.Exprb43()
+        return kx.Exprb43(rtol=rtol, atol=rtol)
     if solver_name == "etdrk4":
         return kx.ETDRK4(rtol=rtol)
     if solver_name == "dopri8":

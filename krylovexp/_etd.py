@@ -40,7 +40,7 @@ class LinearExponential(AbstractExponentialSolver):
     **Arguments:**
 
     - `krylov`: a [`krylovexp.KrylovExpm`][] configuration for the matrix exponential.
-        Default: `KrylovExpm(rtol=0.01 * rtol, atol=0.01 * atol)` from the fields below,
+        Default: `KrylovExpm(rtol=0.1 * rtol, atol=0.1 * atol)` from the fields below,
         or the core's dtype defaults (relative 1e-8 in float64, 1e-5 in float32).
     - `rtol`, `atol`: target tolerances (as you would give a step-size controller); used
         only to build the default `krylov`.
