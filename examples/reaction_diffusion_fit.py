@@ -15,9 +15,10 @@ that changes between the fits is the solver:
 (`Exprb43` takes the same plain `ODETerm`: it linearises the vector field with
 Jacobian-vector products and applies the φ-functions of the Jacobian by Krylov
 sweeps. Given the controller's tolerances, it sets its Krylov tolerances to a tenth
-of them; without, the core's default relative 1e-8 applies.) With `--methods tsit5,exprb43,etdrk4` a third fit uses `kx.ETDRK4()` on the
-semilinear split `MultiTerm(kx.LinearTerm(D Δ), ODETerm(r (u − u³)))` with
-`--etdrk4-steps` fixed steps.
+of them; without, the core's default relative 1e-8 applies.) With `--methods
+tsit5,exprb43,etdrk4` a third fit uses `kx.ETDRK4()` on the semilinear split
+`MultiTerm(kx.LinearTerm(D Δ), ODETerm(r (u − u³)))` with `--etdrk4-steps` fixed
+steps.
 
 The observed trajectory comes from Diffrax Dopri8 at rtol 1e-10. float64.
 Run `python examples/reaction_diffusion_fit.py` (1-2 minutes on 2 CPU cores).
