@@ -226,6 +226,44 @@ def test_zero_negative_and_grid_times():
             assert rel_err(out[i], expm_ref(NONNORMAL, V, t)) < 1e-8
 
 
+def test_repeated_final_time_values_and_gradients():
+    # Every output at the final time is the sweep's end value (no small exponential
+    # of its own); values, and gradients in the vector and the times, against the
+    # dense references. Forward differences of the dense phi reference for `t`.
+    rng = np.random.default_rng(5)
+    vectors = tuple(jnp.asarray(rng.standard_normal(N)) for _ in range(3))
+    times = jnp.array([0.2, 0.8, 0.8, 0.8])
+    solver = kx.KrylovExpm(rtol=1e-10)
+    out = solver.phimv(jnp.asarray(NONNORMAL), vectors, times).value
+    for i, t in enumerate(np.asarray(times)):
+        assert rel_err(out[i], phi_ref(NONNORMAL, vectors, t)) < 1e-9, i
+    np.testing.assert_array_equal(out[1], out[3])
+
+    weights = jnp.asarray(rng.standard_normal((4, N)))
+
+    def loss(b1, times):
+        sweep = solver.phimv(
+            jnp.asarray(NONNORMAL), (vectors[0], b1, vectors[2]), times
+        )
+        return jnp.sum(weights * sweep.value)
+
+    b1_bar, times_bar = jax.grad(loss, argnums=(0, 1))(vectors[1], times)
+    # d/d b_1 of sum_i w_i . t_i phi_1(t_i A) b_1 = sum_i t_i phi_1(t_i A)^T w_i.
+    expected = sum(
+        phi_ref(NONNORMAL.T, (np.zeros(N), np.asarray(weights[i])), t)
+        for i, t in enumerate(np.asarray(times))
+    )
+    assert rel_err(b1_bar, expected) < 1e-8
+    step = 1e-6
+    for i, t in enumerate(np.asarray(times)):
+        up = phi_ref(NONNORMAL, vectors, t + step)
+        down = phi_ref(NONNORMAL, vectors, t - step)
+        rate = (up - down) / (2 * step)
+        np.testing.assert_allclose(
+            times_bar[i], np.dot(np.asarray(weights[i]), rate), rtol=1e-6
+        )
+
+
 @pytest.mark.slow
 def test_happy_breakdown():
     """v in a 3-dimensional invariant subspace: the Krylov space is exhausted."""
