@@ -265,8 +265,10 @@ class _TransposedSystem(AbstractSystem):
         return vjp(y)[0]
 
 
-# Rows per batched VJP in `_matvec_vjp_sum`.
-_VJP_CHUNK = 4
+# Rows per batched VJP in `_matvec_vjp_sum`. One: with 4, the gradient of a
+# field-coefficient heat problem at 128² took 1.2-1.5x longer and the example's
+# Exprb43 fit 1.4x (benchmarks/README.md, "Matvec VJPs one row at a time").
+_VJP_CHUNK = 1
 
 
 def _matvec_vjp_sum(system, params, rows, weights, others, orth, count):
@@ -274,11 +276,13 @@ def _matvec_vjp_sum(system, params, rows, weights, others, orth, count):
     weights[a, b] q_a` over the basis `others` (a decomposition whose basis is
     orthogonalised by `orth`), formed `_VJP_CHUNK` at a time.
 
-    The VJPs of the matvec are batched `_VJP_CHUNK` rows at a time in a loop that
-    stops at `count`: one batch of all rows makes XLA fuse a stencil into a reduction
-    over rows and space, many times slower than applying it row by row, while one row
-    at a time would repeat the parameter-only work of the matvec (an MLP coefficient
-    field, say) for every row."""
+    The VJPs of the matvec run `_VJP_CHUNK` rows at a time in a loop that stops at
+    `count`. Batching rows makes XLA:CPU fuse a stencil into a reduction over rows
+    and space, slower per row than applying it row by row (all rows: many times; 4
+    rows: 1.2-1.5× the time of the whole gradient on the problems measured). The
+    price of one row at a time is that parameter-only work inside the matvec (an MLP
+    coefficient field evaluated in it, say) is repeated for every row: evaluate such
+    a field outside the operator and close over the array."""
     size = rows.shape[0]
     chunk = min(_VJP_CHUNK, size)
 
