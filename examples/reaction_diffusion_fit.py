@@ -10,7 +10,7 @@ default `RecursiveCheckpointAdjoint`, optax Adam on `(log D, log r)`. The only l
 that changes between the fits is the solver:
 
     solver = diffrax.Tsit5()                    # explicit Runge–Kutta
-    solver = kx.Exprb43(rtol=rtol, atol=atol)   # exponential Rosenbrock (krylovexp)
+    solver = kx.Exprb43(rtol=rtol, atol=rtol)   # exponential Rosenbrock (krylovexp)
 
 (`Exprb43` takes the same plain `ODETerm`: it linearises the vector field with
 Jacobian-vector products and applies the φ-functions of the Jacobian by Krylov

@@ -34,7 +34,7 @@ from ._solution import RESULTS as KRYLOV_RESULTS
 
 # Krylov tolerances derived from the solver's `rtol`/`atol`: a tenth of the local
 # error that a step-size controller with those tolerances accepts. (A hundredth cost
-# 12-25% more matvecs on KS 512, Allen-Cahn 128² and the example's Allen-Cahn 48²,
+# 11-26% more matvecs on KS 512, Allen-Cahn 128² and the example's Allen-Cahn 48²,
 # and changed no error in their first three digits; see benchmarks/README.md.)
 _KRYLOV_SAFETY = 0.1
 

@@ -229,7 +229,7 @@ def test_zero_negative_and_grid_times():
 def test_repeated_final_time_values_and_gradients():
     # Every output at the final time is the sweep's end value (no small exponential
     # of its own); values, and gradients in the vector and the times, against the
-    # dense references. Forward differences of the dense phi reference for `t`.
+    # dense references (central differences of the dense phi reference for `t`).
     rng = np.random.default_rng(5)
     vectors = tuple(jnp.asarray(rng.standard_normal(N)) for _ in range(3))
     times = jnp.array([0.2, 0.8, 0.8, 0.8])
