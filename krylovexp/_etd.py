@@ -39,11 +39,13 @@ class LinearExponential(AbstractExponentialSolver):
 
     **Arguments:**
 
-    - `krylov`: a [`krylovexp.KrylovExpm`][] configuration for the matrix exponential.
-        Default: `KrylovExpm(rtol=0.1 * rtol, atol=0.1 * atol)` from the fields below,
-        or the core's dtype defaults (relative 1e-8 in float64, 1e-5 in float32).
-    - `rtol`, `atol`: target tolerances (as you would give a step-size controller); used
-        only to build the default `krylov`.
+    - `krylov`: a [`krylovexp.KrylovExpm`][] configuration for the matrix exponential
+        (method, tolerances, dimensions, adjoint). Default: `KrylovExpm()`.
+    - `rtol`, `atol`: target tolerances (as you would give a step-size controller). They
+        set the Krylov tolerances that `krylov` leaves unset to `0.1 * rtol`,
+        `0.1 * atol`; with neither, the core's dtype defaults apply (relative 1e-8 in
+        float64, 1e-5 in float32). So `krylov=KrylovExpm(method="lanczos")` for a
+        symmetric operator or Jacobian keeps the controller's accuracy.
 
     **Reference:** Y. Saad, "Analysis of some Krylov subspace approximations to the
     matrix exponential operator", SIAM J. Numer. Anal. 29 (1992).

@@ -242,12 +242,13 @@ class AbstractExponentialSolver(diffrax.AbstractSolver):
         return scales, rows
 
     def _krylov(self) -> KrylovExpm:
-        if self.krylov is not None:
-            krylov = self.krylov
-        else:
-            rtol = None if self.rtol is None else _KRYLOV_SAFETY * self.rtol
-            atol = None if self.atol is None else _KRYLOV_SAFETY * self.atol
-            krylov = KrylovExpm(rtol=rtol, atol=atol)
+        krylov = KrylovExpm() if self.krylov is None else self.krylov
+        # The solver's tolerances fill in the Krylov tolerances `krylov` leaves unset,
+        # so `krylov=KrylovExpm(method="lanczos")` keeps the controller's accuracy.
+        if krylov.rtol is None and self.rtol is not None:
+            krylov = dataclasses.replace(krylov, rtol=_KRYLOV_SAFETY * self.rtol)
+        if krylov.atol is None and self.atol is not None:
+            krylov = dataclasses.replace(krylov, atol=_KRYLOV_SAFETY * self.atol)
         if krylov.throw:
             # Failures become Diffrax result codes (and rejected adaptive steps).
             krylov = dataclasses.replace(krylov, throw=False)
