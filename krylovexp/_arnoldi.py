@@ -96,7 +96,10 @@ def bucket_switch(needed: jax.Array, size: int, make_branch, *operands, low: int
         return make_branch(buckets[0])(*operands)
     # In the batched mode, the bucket that fits every element.
     needed = batching.batch_max(jnp.asarray(needed))
-    index = jnp.searchsorted(jnp.asarray(buckets), needed, side="left")
+    # A handful of static buckets: compare all (the default scan is a while loop).
+    index = jnp.searchsorted(
+        jnp.asarray(buckets), needed, side="left", method="compare_all"
+    )
     index = jnp.minimum(index, len(buckets) - 1)
     return lax.switch(index, [make_branch(b) for b in buckets], *operands)
 

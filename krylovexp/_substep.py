@@ -189,7 +189,8 @@ def _substep(
         def body(state):
             decomp, g = state
             # Never check past the next capacity boundary (see the docstring).
-            boundary = boundaries[jnp.searchsorted(boundaries, g.dim + 1)]
+            index = jnp.searchsorted(boundaries, g.dim + 1, method="compare_all")
+            boundary = boundaries[index]
             target = jnp.minimum(jnp.minimum(g.next_check, boundary), limit)
             decomp, dim, breakdown, _ = batching.loop(
                 step_cond,
