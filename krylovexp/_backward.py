@@ -339,8 +339,14 @@ def _solution_adjoint(
     hessenberg = decomp.hessenberg[:m1, : m1 - 1]
     # The adjoint's basis takes at most `adjoint_rows` rows (the kept rows, see
     # `_sweep.kept_rows`), so that it needs no more memory than the kept basis: where
-    # it needs a larger dimension it takes more, shorter substeps instead.
-    adjoint_dim_max = min(m1, max(adjoint_rows, 2)) - 1
+    # it needs a larger dimension it takes more, shorter substeps instead. Except
+    # after a plain Lanczos substep rebuilt in the `max_dim + 1` rows of a larger
+    # buffer: its transposed sweep takes as many, since cut into short substeps each
+    # paying the matvec VJPs over the whole forward basis it cost 10x the forward pass
+    # at ‖tA‖ = 1000. (Arnoldi gained 0-10 % from that, and the larger sweep's loops
+    # and size buckets add a fifth to the compile time of an integrator's gradient.)
+    wide = arnoldi.is_lanczos(orth) and m1 > adjoint_rows
+    adjoint_dim_max = (m1 if wide else min(m1, max(adjoint_rows, 2))) - 1
     inner = config._replace(
         orth=orth,
         max_dim=adjoint_dim_max,
