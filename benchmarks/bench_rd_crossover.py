@@ -7,12 +7,15 @@ grows with it, while Exprb43's is set by the reaction dynamics. For each grid an
 solver the table gives the accepted-plus-rejected steps of one solve at the starting
 parameters, the seconds per Adam (gradient) step, the compile time, the whole fit
 (compile plus all Adam steps; the Dopri8 data are not counted) and the parameter
-error it reached; the plot draws seconds per fit against the grid size.
+error it reached; the plot draws seconds per fit against the grid size. Rows are kept
+in `rows.json` in `--out`: a later run with the same `--out` replaces the rows of the
+grids and solvers it measures and keeps the others, so a sweep can be split.
 
     python benchmarks/bench_rd_crossover.py --grids 48,96,128,160,192 --out out/cx
 """
 
 import argparse
+import json
 import pathlib
 import sys
 
@@ -61,6 +64,7 @@ def run(cfg):
             steps = len(res["losses"])
             rows.append(
                 {
+                    "iters": cfg.iters,
                     "grid": grid,
                     "norm": result["data"]["norm"],
                     "solver": name,
@@ -75,10 +79,20 @@ def run(cfg):
     return rows
 
 
-def format_table(rows, cfg):
+def merge(rows, path):
+    """The rows of `path` (if any) that `rows` does not replace, then `rows`, sorted
+    by grid."""
+    new = {(r["grid"], r["solver"]) for r in rows}
+    old = json.loads(path.read_text()) if path.exists() else []
+    kept = [r for r in old if (r["grid"], r["solver"]) not in new]
+    return sorted(kept + rows, key=lambda r: r["grid"])
+
+
+def format_table(rows):
+    iters = sorted({r["iters"] for r in rows})
     lines = [
-        f"Allen–Cahn fit, {cfg.iters} Adam steps per fit; fit s = compile + Adam steps "
-        "(Tsit5 ratio: that solver's fit time over Tsit5's at the same grid)",
+        f"Allen–Cahn fit, {'/'.join(map(str, iters))} Adam steps per fit; fit s = "
+        "compile + Adam steps (vs Tsit5: that fit time over Tsit5's at the same grid)",
         "",
         "| grid | n | ‖DΔ‖ | solver | solver steps | s/gradient step | compile s | "
         "fit s | vs Tsit5 | param error |",
@@ -111,6 +125,9 @@ def plot(rows, path):
         ax.loglog(
             [r["grid"] for r in mine], [r["fit"] for r in mine], "o-", label=solver
         )
+    grids = sorted({r["grid"] for r in rows})
+    ax.set_xticks(grids, [str(g) for g in grids])
+    ax.minorticks_off()
     ax.set_xlabel("grid points per side")
     ax.set_ylabel("seconds per fit")
     ax.legend(fontsize=8)
@@ -121,10 +138,11 @@ def plot(rows, path):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    rows = run(cfg)
-    table = format_table(rows, cfg)
-    print("\n" + table)
     out = pathlib.Path(cfg.out)
+    rows = merge(run(cfg), out / "rows.json")
+    (out / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
+    table = format_table(rows)
+    print("\n" + table)
     (out / "table.md").write_text(table + "\n")
     plot(rows, out / "crossover.png")
     print("wrote", out / "table.md", "and", out / "crossover.png")
