@@ -235,7 +235,15 @@ def sweep_points(problem, name, rtols, steps):
     return [jnp.asarray(problem.t1 / m) for m in steps]
 
 
-def run(problem, names, repeats, grad_repeats, rtols=RTOLS, steps=(4, 8, 16)):
+def run(
+    problem,
+    names,
+    repeats,
+    grad_repeats,
+    rtols=RTOLS,
+    steps=(4, 8, 16),
+    max_steps=20_000,
+):
     ref, ref_steps = reference(problem)
     print(
         f"\n## {problem.name}: n = {problem.y0().size}, T = {problem.t1}, "
@@ -251,7 +259,6 @@ def run(problem, names, repeats, grad_repeats, rtols=RTOLS, steps=(4, 8, 16)):
             size = problem.y0().size
             print(f"| {name} | – | not run: dense {size}² Jacobian (MAX_DENSE) |||||")
             continue
-        max_steps = 20_000
         for control in sweep_points(problem, name, rtols, steps):
             sol, t_fwd = timed(
                 lambda c=control, s=name, m=max_steps: solve(problem, s, c, param, m),
@@ -403,6 +410,12 @@ def main(argv=None):
     parser.add_argument("--rtols", type=comma_list(float), default=list(RTOLS))
     parser.add_argument("--steps", type=comma_list(int), default=[4, 8])
     parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=20_000,
+        help="Diffrax max_steps of every solve (fine grids need more for Tsit5)",
+    )
+    parser.add_argument(
         "--krylov-rtol",
         type=float,
         default=KRYLOV.rtol,
@@ -434,6 +447,7 @@ def main(argv=None):
             args.grad_repeats,
             args.rtols,
             args.steps,
+            args.max_steps,
         )
     # Rows accumulate across runs (a partial run replaces only its own rows).
     rows = _merge(os.path.join(args.out, "integrators_rows.json"), rows)
