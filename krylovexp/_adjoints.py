@@ -63,10 +63,11 @@ class KrylovAdjoint(AbstractKrylovAdjoint):
       if it has at most this many vectors (so a single-substep gradient rebuilds
       nothing), and the backward pass rebuilds each other substep in that buffer; a
       substep with a larger basis is rebuilt in one of `max_krylov_dim + 1` rows
-      (and, for plain Lanczos, its transposed sweep in as many), allocated only when
-      one occurs. States whose whole basis takes at most 1 MiB
-      always keep it. Raise it to keep larger bases, lower it to save memory; `0`
-      keeps none. It changes no value and no gradient, only time and memory.
+      (and, for plain Lanczos when the extra rows take at most 4 MiB, its transposed
+      sweep in as many), allocated only when one occurs. States whose whole basis
+      takes at most 1 MiB always keep it. Raise it to keep larger bases, lower it to
+      save memory; `0` keeps none. It changes no value and no gradient, only time and
+      memory.
     """
 
     mode: Literal["solution", "approximation"] = eqx.field(

@@ -304,6 +304,13 @@ def _matvec_vjp_sum(system, params, rows, weights, others, orth, count):
     return batching.fori(0, num_chunks, body, zero)
 
 
+# The most memory a wider transposed sweep may add (see `_solution_adjoint`): 4 MiB,
+# 69 extra rows at 64². Every call pays for the memory XLA:CPU assigns, whether or
+# not a large substep occurs, and on the gradient at 128² 9 MB more took the
+# temporaries past glibc's 32 MiB `mmap` threshold: 3x the time per call.
+_WIDE_ADJOINT_BYTES = 4 * 2**20
+
+
 def _solution_adjoint(
     system,
     params,
@@ -341,11 +348,17 @@ def _solution_adjoint(
     # `_sweep.kept_rows`), so that it needs no more memory than the kept basis: where
     # it needs a larger dimension it takes more, shorter substeps instead. Except
     # after a plain Lanczos substep rebuilt in the `max_dim + 1` rows of a larger
-    # buffer: its transposed sweep takes as many, since cut into short substeps each
-    # paying the matvec VJPs over the whole forward basis it cost 10x the forward pass
-    # at ‖tA‖ = 1000. (Arnoldi gained 0-10 % from that, and the larger sweep's loops
-    # and size buckets add a fifth to the compile time of an integrator's gradient.)
-    wide = arnoldi.is_lanczos(orth) and m1 > adjoint_rows
+    # buffer, when the extra rows are small (`_WIDE_ADJOINT_BYTES`): its transposed
+    # sweep takes as many, since cut into short substeps each paying the matvec VJPs
+    # over the whole forward basis it cost 10x the forward pass at ‖tA‖ = 1000.
+    # (Arnoldi gained 0-10 % from that, and the larger sweep's loops and size buckets
+    # add a fifth to the compile time of an integrator's gradient.)
+    extra_bytes = (m1 - adjoint_rows) * w_bar.size * w_bar.dtype.itemsize
+    wide = (
+        arnoldi.is_lanczos(orth)
+        and m1 > adjoint_rows
+        and extra_bytes <= _WIDE_ADJOINT_BYTES
+    )
     adjoint_dim_max = (m1 if wide else min(m1, max(adjoint_rows, 2))) - 1
     inner = config._replace(
         orth=orth,
