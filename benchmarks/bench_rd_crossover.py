@@ -61,7 +61,7 @@ def run(cfg):
         )
         truth = np.exp(result["data"]["truth"])
         for name, res in result["results"].items():
-            steps = len(res["losses"])
+            adam_steps = len(res["losses"])  # fewer than `iters` if the fit failed
             rows.append(
                 {
                     "iters": cfg.iters,
@@ -72,7 +72,7 @@ def run(cfg):
                     "steps": res["num_steps"],
                     "sec_per_iter": res["sec_per_iter"],
                     "compile": res["compile"],
-                    "fit": res["compile"] + res["sec_per_iter"] * steps,
+                    "fit": res["compile"] + res["sec_per_iter"] * adam_steps,
                     "error": float(np.max(np.abs(res["params"] / truth - 1))),
                 }
             )

@@ -350,9 +350,8 @@ def _solution_adjoint(
     # after a plain Lanczos substep rebuilt in the `max_dim + 1` rows of a larger
     # buffer, when the extra rows are small (`_WIDE_ADJOINT_BYTES`): its transposed
     # sweep takes as many, since cut into short substeps each paying the matvec VJPs
-    # over the whole forward basis it cost 10x the forward pass at ‖tA‖ = 1000.
-    # (Arnoldi gained 0-10 % from that, and the larger sweep's loops and size buckets
-    # add a fifth to the compile time of an integrator's gradient.)
+    # over the whole forward basis it cost 10x the forward pass at ‖tA‖ = 1000 (see
+    # benchmarks/README.md for why Arnoldi is left out).
     extra_bytes = (m1 - adjoint_rows) * w_bar.size * w_bar.dtype.itemsize
     wide = (
         arnoldi.is_lanczos(orth)
