@@ -415,6 +415,19 @@ def weighted_sum(decomp: Decomposition, weights: jax.Array, orth: Orthogonalisat
     return total
 
 
+def row(decomp: Decomposition, index: jax.Array, orth: Orthogonalisation):
+    """Basis row `index` (dynamic) of a chunked decomposition."""
+    result = None
+    for (offset, skip, own), chunk in zip(
+        chunk_layout(decomp, orth), decomp.basis, strict=True
+    ):
+        local = jnp.clip(index - offset + skip, 0, chunk.shape[0] - 1)
+        candidate = lax.dynamic_index_in_dim(chunk, local, keepdims=False)
+        mine = (index >= offset) & (index < offset + own)
+        result = candidate if result is None else jnp.where(mine, candidate, result)
+    return result
+
+
 def reverse_sweep(
     matvec: Matvec,
     params: Any,

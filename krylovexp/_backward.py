@@ -265,43 +265,42 @@ class _TransposedSystem(AbstractSystem):
         return vjp(y)[0]
 
 
-# Rows per batched VJP in `_matvec_vjp_sum`. One: with 4, the gradient of a
-# field-coefficient heat problem at 128² took 1.2-1.5x longer and the example's
-# Exprb43 fit 1.4x (benchmarks/README.md, "Matvec VJPs one row at a time").
-_VJP_CHUNK = 1
+def _matvec_vjp_sum(
+    system, params, forward, gram, adjoint, orth, forward_count, adjoint_count
+):
+    """`∂θ Σ_{a,b} gram[a, b] ⟨z_a, A(θ) q_b⟩` over the rows `q_b` of `forward` (one
+    array; `b < forward_count`) and `z_a` of the decomposition `adjoint` (its basis
+    orthogonalised by `orth`; `a < adjoint_count`), with one VJP of the matvec per
+    row of the shorter side: `Σ_b ∂θ⟨c_b, A q_b⟩` with `c_b = Σ_a gram[a, b] z_a`,
+    or `Σ_a ∂θ⟨z_a, A d_a⟩` with `d_a = Σ_b gram[a, b] q_b` (the matvec is linear
+    in its vector, so both are the same sum).
 
-
-def _matvec_vjp_sum(system, params, rows, weights, others, orth, count):
-    """`∂θ Σ_{b < count} ⟨c_b, A(θ) rows_b⟩` with the cotangents `c_b = Σ_a
-    weights[a, b] q_a` over the basis `others` (a decomposition whose basis is
-    orthogonalised by `orth`), formed `_VJP_CHUNK` at a time.
-
-    The VJPs of the matvec run `_VJP_CHUNK` rows at a time in a loop that stops at
-    `count`. Batching rows makes XLA:CPU fuse a stencil into a reduction over rows
-    and space, slower per row than applying it row by row (all rows: many times; 4
-    rows: 1.2-1.5× the time of the whole gradient on the problems measured). The
-    price of one row at a time is that parameter-only work inside the matvec (an MLP
-    coefficient field evaluated in it, say) is repeated for every row: evaluate such
-    a field outside the operator and close over the array."""
-    size = rows.shape[0]
-    chunk = min(_VJP_CHUNK, size)
+    One row at a time: batching rows makes XLA:CPU fuse a stencil into a reduction
+    over rows and space, slower per row than applying it row by row (4 rows: 1.2-1.5×
+    the time of the whole gradient on the problems measured). The price is that
+    parameter-only work inside the matvec (an MLP coefficient field evaluated in
+    it, say) is repeated for every row: evaluate such a field outside the operator
+    and close over the array."""
+    over_adjoint = adjoint_count < forward_count
 
     def body(i, total):
-        first = i * chunk
-        start = jnp.minimum(first, size - chunk)  # the last chunk may overlap
-        fresh = start + jnp.arange(chunk) >= first
-        chunk_rows = lax.dynamic_slice_in_dim(rows, start, chunk)
-        chunk_weights = lax.dynamic_slice_in_dim(weights, start, chunk, axis=1)
-        chunk_weights = jnp.where(fresh[None, :], chunk_weights, 0)
-        cotangents = arnoldi.weighted_sum(others, chunk_weights, orth)
-        _, vjp = jax.vjp(
-            lambda p: jax.vmap(lambda q: system.matvec(p, q))(chunk_rows), params
-        )
-        return jtu.tree_map(jnp.add, total, vjp(cotangents)[0])
+        def forward_row(i):
+            weights = lax.dynamic_index_in_dim(gram, i, axis=1, keepdims=False)
+            cotangent = arnoldi.weighted_sum(adjoint, weights, orth)
+            return lax.dynamic_index_in_dim(forward, i, keepdims=False), cotangent
 
-    num_chunks = (count + chunk - 1) // chunk
+        def adjoint_row(i):
+            weights = lax.dynamic_index_in_dim(gram, i, keepdims=False)
+            row = jnp.tensordot(weights, forward, axes=(0, 0))
+            return row, arnoldi.row(adjoint, i, orth)
+
+        row, cotangent = batching.cond(over_adjoint, adjoint_row, forward_row, i)
+        _, vjp = jax.vjp(lambda p: system.matvec(p, row), params)
+        return jtu.tree_map(jnp.add, total, vjp(cotangent)[0])
+
+    count = jnp.minimum(forward_count, adjoint_count)
     zero = jtu.tree_map(jnp.zeros_like, params)
-    return batching.fori(0, num_chunks, body, zero)
+    return batching.fori(0, count, body, zero)
 
 
 # The most memory a wider transposed sweep may add (see `_solution_adjoint`): 4 MiB,
@@ -386,8 +385,16 @@ def _solution_adjoint(
         adjoint_mask = coefficient_mask(m1, adjoint_dim, inner.corrected)
         gram = jnp.where(adjoint_mask[:, None] & forward_mask[None, :], gram, 0)
         gram = gram * adjoint.beta.astype(gram.dtype)
+        used = int(config.corrected)  # coefficients in use: dim + 1 or dim
         return _matvec_vjp_sum(
-            system, params, arnoldi.single(decomp), gram, adjoint, inner.orth, dim + 1
+            system,
+            params,
+            arnoldi.single(decomp),
+            gram,
+            adjoint,
+            inner.orth,
+            dim + used,
+            adjoint_dim + used,
         )
 
     final, _, _ = _loop(
