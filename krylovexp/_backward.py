@@ -270,10 +270,11 @@ def _matvec_vjp_sum(
 ):
     """`∂θ Σ_{a,b} gram[a, b] ⟨z_a, A(θ) q_b⟩` over the rows `q_b` of `forward` (one
     array; `b < forward_count`) and `z_a` of the decomposition `adjoint` (its basis
-    orthogonalised by `orth`; `a < adjoint_count`), with one VJP of the matvec per
-    row of the shorter side: `Σ_b ∂θ⟨c_b, A q_b⟩` with `c_b = Σ_a gram[a, b] z_a`,
-    or `Σ_a ∂θ⟨z_a, A d_a⟩` with `d_a = Σ_b gram[a, b] q_b` (the matvec is linear
-    in its vector, so both are the same sum).
+    orthogonalised by `orth`; `a < adjoint_count`; `gram` vanishes outside both),
+    with one VJP of the matvec per row of the shorter side: `Σ_b ∂θ⟨c_b, A q_b⟩`
+    with `c_b = Σ_a gram[a, b] z_a`, or `Σ_a ∂θ⟨z_a, A d_a⟩` with
+    `d_a = Σ_b gram[a, b] q_b` (the matvec is linear in its vector, so both are the
+    same sum).
 
     One row at a time: batching rows makes XLA:CPU fuse a stencil into a reduction
     over rows and space, slower per row than applying it row by row (4 rows: 1.2-1.5×

@@ -630,3 +630,58 @@ def test_grad_of_a_large_state_against_the_fourier_exact_solution(method, settin
 def test_basis_rows_must_be_a_non_negative_integer():
     with pytest.raises(ValueError, match="basis_rows"):
         kx.KrylovAdjoint(basis_rows=-1)
+
+
+class _TwoTermMatvec:
+    """`A(a, b) = a M1 + b² M2`: nonlinear in its parameters, linear in its vector."""
+
+    def __init__(self, m1, m2):
+        self.m1, self.m2 = m1, m2
+
+    def matvec(self, params, x):
+        a, b = params
+        return a * (self.m1 @ x) + b**2 * (self.m2 @ x)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.complex128])
+@pytest.mark.parametrize("forward_count, adjoint_count", [(7, 5), (3, 8), (6, 6)])
+def test_parameter_cotangent_over_either_basis(forward_count, adjoint_count, dtype):
+    """The parameter cotangent of a transposed substep takes its matvec VJPs over the
+    shorter of the forward basis and the adjoint's (here in two chunks, the second
+    with the Lanczos prefix): either way it is the derivative of the bilinear form
+    `Σ G[a, b] z_aᵀ A(θ) q_b`, by autodiff of the dense expression."""
+    from krylovexp import _arnoldi as arnoldi
+    from krylovexp._backward import _matvec_vjp_sum
+
+    n, rows = 10, 8
+    keys = jax.random.split(jax.random.PRNGKey(3), 5)
+
+    def draw(key, shape):
+        x = jax.random.normal(key, shape + (2,))
+        return (
+            x[..., 0] + 1j * x[..., 1] if dtype == jnp.complex128 else x[..., 0]
+        ).astype(dtype)
+
+    system = _TwoTermMatvec(draw(keys[0], (n, n)), draw(keys[1], (n, n)))
+    forward, adjoint_rows = draw(keys[2], (rows, n)), draw(keys[3], (rows, n))
+    inside = (jnp.arange(rows)[:, None] < adjoint_count) & (
+        jnp.arange(rows)[None, :] < forward_count
+    )
+    gram = jnp.where(inside, draw(keys[4], (rows, rows)), 0)
+    orth = arnoldi.Orthogonalisation(window=2, hermitian=True)
+    chunks = (adjoint_rows[:4], adjoint_rows[2:])  # rows 2, 3 repeated as the prefix
+    adjoint = arnoldi.Decomposition(chunks, jnp.zeros((rows, rows - 1), dtype), 1.0)
+    assert arnoldi.capacity(adjoint, orth) == rows
+    params = (jnp.asarray(0.7), jnp.asarray(-1.3))
+
+    got = jax.jit(_matvec_vjp_sum, static_argnums=(0, 5))(
+        system, params, forward, gram, adjoint, orth, forward_count, adjoint_count
+    )
+
+    def form(params):
+        applied = jax.vmap(lambda q: system.matvec(params, q))(forward)
+        return jnp.real(jnp.sum(gram * (adjoint_rows @ applied.T)))
+
+    want = jax.grad(form)(params)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-12)
