@@ -349,9 +349,10 @@ def _solution_adjoint(
     # it needs a larger dimension it takes more, shorter substeps instead. Except
     # after a plain Lanczos substep rebuilt in the `max_dim + 1` rows of a larger
     # buffer, when the extra rows are small (`_WIDE_ADJOINT_BYTES`): its transposed
-    # sweep takes as many, since cut into short substeps each paying the matvec VJPs
-    # over the whole forward basis it cost 10x the forward pass at ‖tA‖ = 1000 (see
-    # benchmarks/README.md for why Arnoldi is left out).
+    # sweep takes as many: cut into short substeps, each combining its vectors with
+    # the whole forward basis, it restarts often, and at 64², ‖tA‖ = 1000 the gradient
+    # took 3x as long even with the VJPs over the shorter basis (102 against 34 ms;
+    # see benchmarks/README.md for why Arnoldi is left out).
     extra_bytes = (m1 - adjoint_rows) * w_bar.size * w_bar.dtype.itemsize
     wide = (
         arnoldi.is_lanczos(orth)
