@@ -148,9 +148,9 @@ def _backward(
         end_bar = w_bar
         for_end = jnp.arange(num_times)
         end_mask = (for_end >= first) & (for_end < last) & jax.vmap(at_end)(for_end)
-        end_bar = end_bar + jnp.sum(
-            jnp.where(end_mask[:, None], outputs_bar, 0), axis=0
-        )
+        # A product rather than a sum over axis 0: see `_solver_base._plus_each_row`.
+        ones = jnp.ones(num_times, outputs_bar.dtype)
+        end_bar = end_bar + ones @ jnp.where(end_mask[:, None], outputs_bar, 0)
         single = arnoldi.single(decomp)
 
         if want_times:

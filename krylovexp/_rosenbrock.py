@@ -20,6 +20,7 @@ from ._solver_base import (
     AbstractExponentialSolver,
     _at,
     _lin,
+    _plus_each_row,
     _safe_inverse,
     _split_dense,
     _where,
@@ -163,7 +164,7 @@ class Exprb32(diffrax.AbstractAdaptiveSolver, AbstractExponentialSolver):
         tracker.count(1)  # J (U_2 - y0) in the remainder
         increments = jtu.tree_map(lambda o: o[0] + o[1], outs)  # at h/3, 2h/3, h
         y_error = _at(_at(outs, 1), -1)
-        values = jtu.tree_map(lambda y, d: y[None] + d, y0, increments)
+        values = _plus_each_row(y0, increments)
         y1, ym = _split_dense(values)
         return y1, y_error, ym
 
@@ -280,6 +281,6 @@ class Exprb43(diffrax.AbstractAdaptiveSolver, AbstractExponentialSolver):
             lambda o: o[0][np.array([0, 2, 3])] + o[2, :3] + o[3, :3], outs
         )
         y_error = jtu.tree_map(lambda o: o[3, -1], outs)
-        values = jtu.tree_map(lambda y, d: y[None] + d, y0, increments)
+        values = _plus_each_row(y0, increments)
         y1, ym = _split_dense(values)
         return y1, y_error, ym
