@@ -63,17 +63,20 @@ def prefix_rows(orth: Orthogonalisation) -> int:
 _ONE_BUCKET_ROWS = 32
 
 
-def row_buckets(rows: int, first: int = 8) -> tuple[int, ...]:
+def row_buckets(
+    rows: int, first: int = 8, one_bucket: int = _ONE_BUCKET_ROWS
+) -> tuple[int, ...]:
     """Static row counts `first, 2 first, 4 first, ...` up to `rows` (the last one is
     `rows`).
 
     One family serves everywhere work should follow the Krylov dimension reached
     rather than the buffer size: the capacities a substep's basis grows through, the
     rows a projection reads, and the sizes of the small exponentials. A last bucket
-    within 25% of `rows` is merged into it. Up to `_ONE_BUCKET_ROWS` rows there is
-    one bucket: a 32×32 exponential costs microseconds, and every bucket is a
-    compiled copy of the code that uses it."""
-    if rows <= _ONE_BUCKET_ROWS:
+    within 25% of `rows` is merged into it. Up to `one_bucket` rows there is one
+    bucket: a 32×32 exponential costs microseconds, and every bucket is a compiled
+    copy of the code that uses it. Gram–Schmidt projections, which read `n`-vectors,
+    pass `one_bucket=first`."""
+    if rows <= one_bucket:
         return (rows,)
     buckets = []
     b = first
@@ -85,11 +88,18 @@ def row_buckets(rows: int, first: int = 8) -> tuple[int, ...]:
     return tuple(buckets) + (rows,)
 
 
-def bucket_switch(needed: jax.Array, size: int, make_branch, *operands, low: int = 1):
+def bucket_switch(
+    needed: jax.Array,
+    size: int,
+    make_branch,
+    *operands,
+    low: int = 1,
+    one_bucket: int = _ONE_BUCKET_ROWS,
+):
     """Run `make_branch(b)(*operands)` for the smallest bucket `b >= needed` of
-    `row_buckets(size)`. `low` is a static lower bound on `needed`: buckets below it
-    are never compiled."""
-    buckets = row_buckets(size)
+    `row_buckets(size, one_bucket=one_bucket)`. `low` is a static lower bound on
+    `needed`: buckets below it are never compiled."""
+    buckets = row_buckets(size, one_bucket=one_bucket)
     first = next(i for i, b in enumerate(buckets) if b >= min(low, size))
     buckets = buckets[first:]
     if len(buckets) == 1:
@@ -192,8 +202,10 @@ def orthonormalise_full(chunks, w0, j, column_size, low: int = 1):
         return project
 
     low_last = max(1, low - offset)
+    # Buckets from 8 rows even in a chunk of up to 32: a step reads each row twice
+    # or four times, and a rebuilt or transposed substep grows in one such chunk.
     column, w = bucket_switch(
-        j + 1 - offset, last.shape[0], branch, last, w0, j, low=low_last
+        j + 1 - offset, last.shape[0], branch, last, w0, j, low=low_last, one_bucket=8
     )
     return _normalise(column, w, j, _squared(column))
 
