@@ -32,7 +32,7 @@ class KrylovAdjoint(AbstractKrylovAdjoint):
     Reverse mode: substep boundaries are stored (start vectors in 16 checkpoints), the
     last substep's Krylov basis is kept when it fits in `basis_rows` rows, every other
     substep's basis is rebuilt on the backward pass, and the memory written per call
-    is O(n (basis_rows + 16 + max_substeps / 16)) plus the bases the dimensions
+    is O(n (basis_rows + 16 + log2(max_substeps / 16))) plus the bases the dimensions
     reached need.
 
     Forward mode (`jax.jvp`, `jax.jacfwd`, `diffrax.ForwardMode`): the tangent of the

@@ -58,49 +58,73 @@ def _backward(
             system.matvec, params, start, dims[s], config.max_dim, config.orth, buffer
         )
 
-    def substep_start(k, s, starts):
-        """The start of substep `s`, from its checkpoint and, when the stride is above
-        one, the substeps after it: on entering a segment of `stride` substeps (from
-        its end), all its starts are recomputed into `starts`."""
-        if starts is None:
-            return rec.checkpoints[s], starts
+    def advance(index, w):
+        """The start of substep `index + 1` from that of substep `index`."""
+
+        def advance_in(size):
+            def run(w):
+                decomp = rebuild(w, index, fresh(size))
+                return approximation(
+                    decomp,
+                    dims[index],
+                    rec.taus[index],
+                    config.orth,
+                    config.corrected,
+                    differentiable=False,
+                )
+
+            return run
+
+        return by_size(index, advance_in(max(rows, 1)), advance_in(full_rows), w)
+
+    def substep_start(s, stack):
+        """The start of substep `s`, visited in decreasing order. With a stride of one
+        it is a checkpoint. Otherwise it is recomputed from the nearest start held
+        below it (its segment's checkpoint, or one on `stack`), and on the way the
+        start halfway to `s` is pushed, then halfway from there, ...: a segment of
+        `stride` substeps costs about `stride log2(stride) / 2` advances and needs
+        `log2(stride)` rows (bisection checkpointing, as in Griewank's `revolve`),
+        where keeping every start of the segment would write `stride` rows on every
+        call, however few substeps were taken."""
+        if stack is None:
+            return rec.checkpoints[s], stack
+        vectors, indices, top = stack
+        depth = vectors.shape[0] - 1  # the last row is scratch
         first = (s // rec.stride) * rec.stride
+        # Pop what lies above `s` (visited already).
+        int_type = indices.dtype
+        top = jnp.sum((indices <= s) & (jnp.arange(depth + 1) < top)).astype(int_type)
+        held = top > 0
+        below = jnp.maximum(top - 1, 0)
+        index = jnp.where(held, indices[below], first).astype(int_type)
+        w = jnp.where(held, vectors[below], rec.checkpoints[s // rec.stride])
 
-        def recompute(starts):
-            def advance(i, carry):
-                starts, w = carry
-                index = first + i
+        def not_there(state):
+            return state[0] < s
 
-                def advance_in(size):
-                    def run():
-                        decomp = rebuild(w, index, fresh(size))
-                        return approximation(
-                            decomp,
-                            dims[index],
-                            rec.taus[index],
-                            config.orth,
-                            config.corrected,
-                            differentiable=False,
-                        )
+        def step(state):
+            index, target, w, vectors, indices, top = state
+            w = advance(index, w)
+            index = index + 1
+            push = (index == target) & (index < s) & (top < depth)
+            slot = jnp.where(push, top, depth)
+            vectors = vectors.at[slot].set(w)
+            indices = indices.at[slot].set(index)
+            top = top + push.astype(top.dtype)
+            halfway = (index + (s - index + 1) // 2).astype(int_type)
+            target = jnp.where(index == target, halfway, target)
+            return index, target, w, vectors, indices, top
 
-                    return run
-
-                w = by_size(index, advance_in(max(rows, 1)), advance_in(full_rows))
-                return starts.at[i + 1].set(w), w
-
-            w = rec.checkpoints[s // rec.stride]
-            starts = starts.at[0].set(w)
-            return batching.fori(0, s - first, advance, (starts, w))[0]
-
-        refresh = (k == 0) | (s % rec.stride == rec.stride - 1)
-        # The expensive branch second: `batching.cond` traces that one once.
-        starts = batching.cond(~refresh, lambda starts: starts, recompute, starts)
-        return starts[s - first], starts
+        target = (index + (s - index + 1) // 2).astype(int_type)
+        _, _, w, vectors, indices, top = batching.loop(
+            not_there, step, (index, target, w, vectors, indices, top)
+        )
+        return w, (vectors, indices, top)
 
     def body(k, carry):
-        w_bar, params_bar, times_bar, starts, basis = carry
+        w_bar, params_bar, times_bar, stack, basis = carry
         s = num_substeps - 1 - k
-        start, starts = substep_start(k, s, starts)
+        start, stack = substep_start(s, stack)
 
         def small(basis, w_bar, params_bar, times_bar):
             # The last substep's basis is kept from the forward pass when it fitted;
@@ -121,7 +145,7 @@ def _backward(
         w_bar, params_bar, times_bar, basis = by_size(
             s, small, large, basis, w_bar, params_bar, times_bar
         )
-        return w_bar, params_bar, times_bar, starts, basis
+        return w_bar, params_bar, times_bar, stack, basis
 
     def substep_adjoint(s, decomp, w_bar, params_bar, times_bar):
         """The cotangents of substep `s` (basis `decomp`) from those of its end."""
@@ -244,13 +268,18 @@ def _backward(
         return start_bar, params_bar, times_bar
 
     max_stride = _max_stride(config)
-    starts = (
-        None
-        if max_stride == 1
-        else jnp.zeros((max_stride,) + vector.shape, vector.dtype)
-    )
+    if max_stride == 1:
+        stack = None
+    else:
+        # Room for log2(max_stride) starts, and a scratch row.
+        depth = max_stride.bit_length()
+        stack = (
+            jnp.zeros((depth + 1,) + vector.shape, vector.dtype),
+            jnp.zeros(depth + 1, dims.dtype),
+            jnp.zeros((), dims.dtype),
+        )
     w_bar, params_bar, times_bar, _, _ = batching.fori(
-        0, num_substeps, body, (w_bar, params_bar, times_bar, starts, rec.basis)
+        0, num_substeps, body, (w_bar, params_bar, times_bar, stack, rec.basis)
     )
     return params_bar, w_bar, times_bar
 

@@ -72,8 +72,9 @@ def _store_checkpoint(rec: _Record, index, start) -> _Record:
     """Keep the start of substep `index` if `index` is a multiple of the stride. When
     the slots are full, every other checkpoint is dropped and the stride doubles, so
     memory stays `slots × n` however many substeps are taken, and the backward pass
-    recomputes at most `stride - 1` substeps per checkpoint (one extra forward sweep
-    in all, and none while the substeps fit in the slots)."""
+    recomputes the others from them by bisection (`_backward`: about
+    `log2(stride) / 2` extra forward sweeps in all, none while the substeps fit in
+    the slots)."""
     slots = rec.checkpoints.shape[0]
     full = index == slots * rec.stride
 

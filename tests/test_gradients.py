@@ -391,6 +391,34 @@ def test_grad_many_substeps_beyond_checkpoint_slots(mode):
         assert rel_err(g, w) < 1e-7
 
 
+@pytest.mark.parametrize("max_substeps", [2000, 300])
+def test_grad_bisection_restarts_within_long_segments(max_substeps):
+    """About 180 substeps against 16 checkpoint slots: the stride reaches 16 and the
+    backward pass recomputes each segment's starts by bisection from its checkpoint
+    (a stack of log2(stride) starts; room for 6 with `max_substeps=300`, for 8 with
+    2000). Gradients match dense
+    autodiff; a start recomputed from the wrong substep would not."""
+    times = jnp.array([0.4, 1.3, 2.0])
+    solver = kx.KrylovExpm(
+        method="arnoldi", rtol=1e-10, max_krylov_dim=6, max_substeps=max_substeps
+    )
+    weights = jnp.arange(1.0, 4.0)[:, None]
+
+    def krylov(matrix, vector):
+        return jnp.sum(jnp.sin(solver(matrix, vector, times)) * weights)
+
+    def dense(matrix, vector):
+        out = jnp.stack([jsl.expm(t * matrix) @ vector for t in times])
+        return jnp.sum(jnp.sin(out) * weights)
+
+    substeps = int(solver.expmv(A, V, times).stats["num_substeps"])
+    assert 128 < substeps < 256
+    got = jax.grad(krylov, argnums=(0, 1))(A, V)
+    want = jax.grad(dense, argnums=(0, 1))(A, V)
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < 1e-8
+
+
 def test_grad_breakdown_is_finite_and_exact():
     """v stays in an invariant subspace of A(theta) for every theta: the Krylov space
     is exhausted at dimension 3, values and gradients are exact (no division by the
