@@ -88,12 +88,14 @@ def _backward(
         call, however few substeps were taken."""
         if stack is None:
             return rec.checkpoints[s], stack
-        vectors, indices, top = stack
+        vectors, indices = stack
         depth = vectors.shape[0] - 1  # the last row is scratch
-        first = (s // rec.stride) * rec.stride
-        # Pop what lies above `s` (visited already).
         int_type = indices.dtype
-        top = jnp.sum((indices <= s) & (jnp.arange(depth + 1) < top)).astype(int_type)
+        unused = jnp.iinfo(int_type).max
+        first = (s // rec.stride) * rec.stride
+        # Held starts are the entries at or below `s`, in increasing order from slot
+        # 0; those above it were visited already (and free slots hold `unused`).
+        top = jnp.sum(indices <= s).astype(int_type)
         held = top > 0
         below = jnp.maximum(top - 1, 0)
         index = jnp.where(held, indices[below], first).astype(int_type)
@@ -109,17 +111,17 @@ def _backward(
             push = (index == target) & (index < s) & (top < depth)
             slot = jnp.where(push, top, depth)
             vectors = vectors.at[slot].set(w)
-            indices = indices.at[slot].set(index)
+            indices = indices.at[slot].set(jnp.where(push, index, unused))
             top = top + push.astype(top.dtype)
             halfway = (index + (s - index + 1) // 2).astype(int_type)
             target = jnp.where(index == target, halfway, target)
             return index, target, w, vectors, indices, top
 
         target = (index + (s - index + 1) // 2).astype(int_type)
-        _, _, w, vectors, indices, top = batching.loop(
+        _, _, w, vectors, indices, _ = batching.loop(
             not_there, step, (index, target, w, vectors, indices, top)
         )
-        return w, (vectors, indices, top)
+        return w, (vectors, indices)
 
     def body(k, carry):
         w_bar, params_bar, times_bar, stack, basis = carry
@@ -275,8 +277,7 @@ def _backward(
         depth = max_stride.bit_length()
         stack = (
             jnp.zeros((depth + 1,) + vector.shape, vector.dtype),
-            jnp.zeros(depth + 1, dims.dtype),
-            jnp.zeros((), dims.dtype),
+            jnp.full(depth + 1, jnp.iinfo(dims.dtype).max, dims.dtype),
         )
     w_bar, params_bar, times_bar, _, _ = batching.fori(
         0, num_substeps, body, (w_bar, params_bar, times_bar, stack, rec.basis)

@@ -396,8 +396,8 @@ def test_grad_bisection_restarts_within_long_segments(max_substeps):
     """About 180 substeps against 16 checkpoint slots: the stride reaches 16 and the
     backward pass recomputes each segment's starts by bisection from its checkpoint
     (a stack of log2(stride) starts; room for 6 with `max_substeps=300`, for 8 with
-    2000). Gradients match dense
-    autodiff; a start recomputed from the wrong substep would not."""
+    2000). Gradients match dense autodiff; a start recomputed from the wrong substep
+    would not."""
     times = jnp.array([0.4, 1.3, 2.0])
     solver = kx.KrylovExpm(
         method="arnoldi", rtol=1e-10, max_krylov_dim=6, max_substeps=max_substeps
