@@ -295,6 +295,10 @@ class _TransposedSystem(AbstractSystem):
         return vjp(y)[0]
 
 
+# Rows combined per product in `_matvec_vjp_sum`.
+_COMBINED_ROWS = 8
+
+
 def _matvec_vjp_sum(
     system, params, forward, gram, adjoint, orth, forward_count, adjoint_count
 ):
@@ -306,32 +310,55 @@ def _matvec_vjp_sum(
     `d_a = Σ_b gram[a, b] q_b` (the matvec is linear in its vector, so both are the
     same sum).
 
-    One row at a time: batching rows makes XLA:CPU fuse a stencil into a reduction
-    over rows and space, slower per row than applying it row by row (4 rows: 1.2-1.5×
-    the time of the whole gradient on the problems measured). The price is that
-    parameter-only work inside the matvec (an MLP coefficient field evaluated in
-    it, say) is repeated for every row: evaluate such a field outside the operator
-    and close over the array."""
+    The combinations `c_b` (or `d_a`) are formed `_COMBINED_ROWS` at a time, by one
+    product that reads the other basis once: one at a time, each read all of it, and
+    at 128², ‖tA‖ = 1000 (101 forward rows) that was half the gradient's time.
+
+    The VJPs run one row at a time: batching rows makes XLA:CPU fuse a stencil into
+    a reduction over rows and space, slower per row than applying it row by row (4
+    rows: 1.2-1.5× the time of the whole gradient on the problems measured). The
+    price is that parameter-only work inside the matvec (an MLP coefficient field
+    evaluated in it, say) is repeated for every row: evaluate such a field outside
+    the operator and close over the array."""
     over_adjoint = adjoint_count < forward_count
+    block = _COMBINED_ROWS
+    # Padded so that every block of rows or columns can be sliced whole.
+    pad = (-gram.shape[0]) % block, (-gram.shape[1]) % block
+    padded = jnp.pad(gram, ((0, pad[0]), (0, pad[1])))
 
-    def body(i, total):
-        def forward_row(i):
-            weights = lax.dynamic_index_in_dim(gram, i, axis=1, keepdims=False)
-            cotangent = arnoldi.weighted_sum(adjoint, weights, orth)
-            return lax.dynamic_index_in_dim(forward, i, keepdims=False), cotangent
+    def combined_forward(low):
+        # `c_b` for b in [low, low + block): columns of `gram` against `adjoint`.
+        weights = lax.dynamic_slice_in_dim(padded, low, block, axis=1)
+        return arnoldi.weighted_sum(adjoint, weights[: gram.shape[0]], orth)
 
-        def adjoint_row(i):
-            weights = lax.dynamic_index_in_dim(gram, i, keepdims=False)
-            row = jnp.tensordot(weights, forward, axes=(0, 0))
-            return row, arnoldi.row(adjoint, i, orth)
+    def combined_adjoint(low):
+        # `d_a` for a in [low, low + block): rows of `gram` against `forward`.
+        weights = lax.dynamic_slice_in_dim(padded, low, block, axis=0)
+        return jnp.tensordot(weights[:, : gram.shape[1]], forward, axes=(1, 0))
 
-        row, cotangent = batching.cond(over_adjoint, adjoint_row, forward_row, i)
-        _, vjp = jax.vjp(lambda p: system.matvec(p, row), params)
-        return jtu.tree_map(jnp.add, total, vjp(cotangent)[0])
+    def body(index, total):
+        low = index * block
+        combined = batching.cond(over_adjoint, combined_adjoint, combined_forward, low)
+
+        def one_row(offset, total):
+            i = low + offset
+            mine = lax.dynamic_index_in_dim(combined, offset, keepdims=False)
+
+            def forward_row(i):
+                return lax.dynamic_index_in_dim(forward, i, keepdims=False), mine
+
+            def adjoint_row(i):
+                return mine, arnoldi.row(adjoint, i, orth)
+
+            row, cotangent = batching.cond(over_adjoint, adjoint_row, forward_row, i)
+            _, vjp = jax.vjp(lambda p: system.matvec(p, row), params)
+            return jtu.tree_map(jnp.add, total, vjp(cotangent)[0])
+
+        return batching.fori(0, jnp.minimum(block, count - low), one_row, total)
 
     count = jnp.minimum(forward_count, adjoint_count)
     zero = jtu.tree_map(jnp.zeros_like, params)
-    return batching.fori(0, count, body, zero)
+    return batching.fori(0, (count + block - 1) // block, body, zero)
 
 
 # The most memory a wider transposed sweep may add (see `_solution_adjoint`): 4 MiB,
