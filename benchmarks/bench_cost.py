@@ -42,7 +42,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import krylovexp as kx  # noqa: E402
 from support.cli import add_common_arguments, comma_list, resolve_methods  # noqa: E402
-from support.measure import compiled_memory_mb, timed  # noqa: E402
+from support.measure import (  # noqa: E402
+    compiled_memory_mb,
+    memory_environment,
+    timed,
+)
 
 
 METHODS = ("lanczos", "arnoldi")
@@ -221,6 +225,7 @@ def main():
     )
     lines = [
         f"jax {jax.__version__}, {jax.default_backend()}, {args.dtype}, rtol {rtol:g}",
+        memory_environment(),
         "",
         HEADER,
         "|" + "---|" * 13,

@@ -72,7 +72,12 @@ from numpy.polynomial import chebyshev as cheb  # noqa: E402
 from scipy.linalg import expm as dense_expm  # noqa: E402
 
 from support.cli import add_common_arguments, comma_list, resolve_methods  # noqa: E402
-from support.measure import compiled_memory_mb, rel_err, timed  # noqa: E402
+from support.measure import (  # noqa: E402
+    compiled_memory_mb,
+    memory_environment,
+    rel_err,
+    timed,
+)
 from support.peers import matfree_expm, matfree_hessenberg  # noqa: E402
 from support.problems import PROBLEMS, Problem  # noqa: E402
 
@@ -561,7 +566,7 @@ def main():
         f"jax {jax.__version__} ({jax.default_backend()}, {args.dtype}), "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}, "
-        f"repeats={args.repeats} (median)"
+        f"repeats={args.repeats} (median); {memory_environment()}"
     )
     if kx is None and "krylovexp" in methods:
         print(f"\n**krylovexp not importable** ({KX_IMPORT_ERROR}): peers only.")

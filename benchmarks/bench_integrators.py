@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 
 import krylovexp as kx  # noqa: E402
 from support.cli import add_common_arguments, comma_list, resolve_methods  # noqa: E402
-from support.measure import timed  # noqa: E402
+from support.measure import memory_environment, timed  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------
@@ -431,6 +431,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     print(
         f"jax {jax.__version__}, diffrax {diffrax.__version__}, devices {jax.devices()}"
+        f"; {memory_environment()}"
     )
     print(
         "| solver | setting | rel. error | forward [ms] | gradient [ms] | steps | "

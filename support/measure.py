@@ -1,5 +1,6 @@
 """Relative errors, tolerances for tests, wall-clock timing and compiled memory."""
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -63,3 +64,18 @@ def compiled_memory_mb(compiled) -> float | None:
         - stats.alias_size_in_bytes
     )
     return total / 2**20
+
+
+def memory_environment() -> str:
+    """The settings that change XLA:CPU's cost of memory, for a benchmark's header:
+    glibc's `MALLOC_*` thresholds and `XLA_FLAGS` as set, with a warning when the
+    `mmap` threshold is set alone (that disables glibc's dynamic trim threshold, so
+    every call faults its temporaries in again: see docs/algorithm.md)."""
+    names = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "XLA_FLAGS")
+    settings = [f"{name}={os.environ[name]}" for name in names if name in os.environ]
+    text = ", ".join(settings) or "glibc and XLA defaults"
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ and (
+        "MALLOC_TRIM_THRESHOLD_" not in os.environ
+    ):
+        text += " (WARNING: MALLOC_MMAP_THRESHOLD_ without MALLOC_TRIM_THRESHOLD_)"
+    return text
