@@ -128,3 +128,26 @@ def test_grid_on_one_device():
     np.testing.assert_allclose(matrix, matrix.T, atol=1e-12)
     np.testing.assert_allclose(matrix @ np.ones(48), 0, atol=1e-12)
     assert np.sort(np.linalg.eigvalsh(matrix))[-2] < 0
+
+
+@pytest.mark.parametrize(
+    "devices, n, p, parts",
+    [
+        (1, 2304, 3, 1),
+        (1, 2**18, 3, 1),
+        (8, 2304, 3, 8),
+        (64, 2304, 3, 32),
+        (64, 2304, 4, 32),
+        (8, 256, 3, 4),
+        (8, 2303, 3, 1),
+        (6, 2304, 3, 4),
+    ],
+)
+def test_augmented_vector_parts(monkeypatch, devices, n, p, parts):
+    """`phimv` cuts its augmented vectors into at most as many parts as there are
+    devices (a power of two dividing `n`, each part's `p` slots within `n / 16`):
+    on one device a plain concatenation, whose matvecs need no index arithmetic."""
+    from krylovexp._expm import _tail_groups
+
+    monkeypatch.setattr(jax, "device_count", lambda: devices)
+    assert _tail_groups(n, p) == parts
