@@ -254,7 +254,7 @@ def run(
     rows = []
     param = jnp.asarray(problem.param)
     for name in names:
-        _, kind, adaptive, stages = SOLVERS[name]
+        solver, kind, adaptive, stages = SOLVERS[name]
         if name in IMPLICIT and problem.y0().size > MAX_DENSE:
             size = problem.y0().size
             print(f"| {name} | – | not run: dense {size}² Jacobian (MAX_DENSE) |||||")
@@ -291,6 +291,9 @@ def run(
                 if not adaptive
                 else (f"rtol={float(control):.0e}")
             )
+            max_dim = getattr(getattr(solver, "krylov", None), "max_krylov_dim", None)
+            if max_dim is not None:
+                label += f", m<={max_dim}"
             row = dict(
                 problem=problem.name,
                 solver=name,
@@ -421,9 +424,18 @@ def main(argv=None):
         default=KRYLOV.rtol,
         help="relative tolerance of every Krylov sweep of the krylovexp solvers",
     )
+    parser.add_argument(
+        "--krylov-max-dim",
+        type=int,
+        default=None,
+        help="max_krylov_dim of the krylovexp solvers' sweeps (default: the "
+        "library's); their rows' setting then reads 'rtol=..., m<=...'",
+    )
     args = parser.parse_args(argv)
-    if args.krylov_rtol != KRYLOV.rtol:
-        krylov = dataclasses.replace(KRYLOV, rtol=args.krylov_rtol)
+    if args.krylov_rtol != KRYLOV.rtol or args.krylov_max_dim is not None:
+        krylov = dataclasses.replace(
+            KRYLOV, rtol=args.krylov_rtol, max_krylov_dim=args.krylov_max_dim
+        )
         for name, (solver, *rest) in list(SOLVERS.items()):
             if name.startswith("kx."):
                 SOLVERS[name] = (type(solver)(krylov=krylov), *rest)
