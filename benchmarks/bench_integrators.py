@@ -429,7 +429,7 @@ def main(argv=None):
         type=int,
         default=None,
         help="max_krylov_dim of the krylovexp solvers' sweeps (default: the "
-        "library's); their rows' setting then reads 'rtol=..., m<=...'",
+        "library's); their rows' setting then ends in ', m<=...'",
     )
     args = parser.parse_args(argv)
     if args.krylov_rtol != KRYLOV.rtol or args.krylov_max_dim is not None:
