@@ -9,6 +9,7 @@ from ._adjoints import (
     KrylovAdjoint as KrylovAdjoint,
 )
 from ._expm import KrylovExpm as KrylovExpm, expmv as expmv, phimv as phimv
+from ._host_memory import reuse_host_memory as reuse_host_memory
 from ._linear_operator import ExpmLinearOperator as ExpmLinearOperator
 from ._solution import RESULTS as RESULTS, Solution as Solution
 

@@ -44,6 +44,30 @@ def add_common_arguments(
     parser.add_argument(
         "--out", default=f"out/{script}", help="folder for tables and pictures"
     )
+    parser.add_argument(
+        "--reuse-host-memory",
+        action=_ReuseHostMemory,
+        help="call krylovexp.reuse_host_memory() first (glibc keeps freed blocks up "
+        "to 1 GiB for reuse; see docs/algorithm.md, 'Memory of XLA:CPU')",
+    )
+
+
+class _ReuseHostMemory(argparse.Action):
+    """Applies `krylovexp.reuse_host_memory()` when the flag is parsed, before any
+    computation, and records it for `support.measure.memory_environment`."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import krylovexp
+
+        from . import measure
+
+        if not krylovexp.reuse_host_memory():
+            parser.error("--reuse-host-memory: glibc's mallopt is not available here")
+        measure.HOST_MEMORY_REUSED = True
+        setattr(namespace, self.dest, True)
 
 
 def resolve_methods(requested: Sequence[str], available: Sequence[str]) -> list[str]:

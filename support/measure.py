@@ -66,13 +66,20 @@ def compiled_memory_mb(compiled) -> float | None:
     return total / 2**20
 
 
+# Set by the `--reuse-host-memory` flag of `support.cli.add_common_arguments`.
+HOST_MEMORY_REUSED = False
+
+
 def memory_environment() -> str:
     """The settings that change XLA:CPU's cost of memory, for a benchmark's header:
-    glibc's `MALLOC_*` thresholds and `XLA_FLAGS` as set, with a warning when the
+    glibc's `MALLOC_*` thresholds and `XLA_FLAGS` as set, whether
+    `krylovexp.reuse_host_memory()` was applied, with a warning when the
     `mmap` threshold is set alone (that disables glibc's dynamic trim threshold, so
     every call faults its temporaries in again: see docs/algorithm.md)."""
     names = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "XLA_FLAGS")
     settings = [f"{name}={os.environ[name]}" for name in names if name in os.environ]
+    if HOST_MEMORY_REUSED:
+        settings.append("krylovexp.reuse_host_memory() (glibc thresholds 1 GiB)")
     text = ", ".join(settings) or "glibc and XLA defaults"
     if "MALLOC_MMAP_THRESHOLD_" in os.environ and (
         "MALLOC_TRIM_THRESHOLD_" not in os.environ

@@ -156,6 +156,35 @@ def test_reaction_diffusion_fit(tmp_path):
     assert _is_png(tmp_path / "fit.png")
 
 
+def test_reaction_diffusion_fourier_variables():
+    # The fit in Fourier variables solves the same ODE: its trajectory equals the
+    # Krylov path's at the same fixed steps (the Laplacian's symbol is exact).
+    import jax
+    import jax.numpy as jnp
+
+    rd = _load("reaction_diffusion_fit")
+    size = 12
+    h = 1.0 / size
+    u0 = rd.initial_condition(jax.random.key(0), size)
+    ts = jnp.linspace(0.2, 1.0, 5)
+    params = jnp.log(jnp.asarray([5e-3, 4.0]))
+    ys = {
+        name: rd.simulate(name, params, u0, ts, h, 1e-11, steps=10)[0]
+        for name in ("etdrk4", "etdrk4-fourier")
+    }
+    np.testing.assert_allclose(ys["etdrk4-fourier"], ys["etdrk4"], rtol=0, atol=1e-9)
+    assert float(jnp.max(jnp.abs(ys["etdrk4"][-1] - u0))) > 0.1  # it moved
+    grads = {
+        name: jax.grad(
+            lambda p, name=name: jnp.sum(
+                rd.simulate(name, p, u0, ts, h, 1e-11, steps=10)[0] ** 2
+            )
+        )(params)
+        for name in ("etdrk4", "etdrk4-fourier")
+    }
+    np.testing.assert_allclose(grads["etdrk4-fourier"], grads["etdrk4"], rtol=1e-7)
+
+
 @pytest.mark.slow
 def test_periodic_varying_coefficient(tmp_path):
     """The varying-coefficient periodic problem at a small size: both methods train,
